@@ -1,0 +1,40 @@
+"""Process-wide setup that every entry point runs once: caches and library noise."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """``$SMOOTH_JAX_CACHE`` or ``~/.cache/smooth_jax``."""
+    return Path(os.environ.get("SMOOTH_JAX_CACHE", Path.home() / ".cache" / "smooth_jax"))
+
+
+def setup(compilation_cache: bool = True) -> None:
+    """Enable JAX's persistent compilation cache and silence per-module deprecation warnings.
+
+    Compilation dominates wall time on CPU (tiny-UNet init: ~40 s eager, ~2 s jitted from a warm
+    cache), so every entry point turns the cache on.
+    """
+    import jax
+
+    if compilation_cache and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", str(cache_root() / "jax"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    # diffusers 0.39 logs a Flax deprecation warning in every module's setup().
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.set_verbosity_error()
+    except ImportError:  # pragma: no cover - diffusers is a hard dependency
+        pass
+    try:
+        from transformers.utils import logging as tlog
+
+        tlog.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+    logging.getLogger("absl").setLevel(logging.WARNING)
