@@ -62,6 +62,29 @@ def _to_flax_layout(value: np.ndarray, target_shape: tuple[int, ...], leaf: str)
     return value
 
 
+def _match(key: str, flat_target: Mapping[str, Any], renames, source: str) -> str:
+    """The one Flax param path that PyTorch ``key`` names, or a ValueError naming the key."""
+    renamed = key
+    for pattern, repl in renames:
+        renamed = re.sub(pattern, repl, renamed)
+    module, _, leaf_pt = renamed.rpartition(".")
+    matches = [
+        f"{m}/{leaf}"
+        for m in _module_candidates(module)
+        for leaf in _LEAF_NAMES.get(leaf_pt, ())
+        if f"{m}/{leaf}" in flat_target
+    ]
+    if not matches:
+        raise ValueError(f"{source}: key {key!r} matches no parameter of the Flax model (unexpected key).")
+    if len(matches) > 1:
+        raise ValueError(f"{source}: key {key!r} is ambiguous between Flax params {matches}.")
+    return matches[0]
+
+
+def is_buffer(key: str) -> bool:
+    return any(re.match(p, key) for p in IGNORED)
+
+
 def torch_to_flax(
     state: Mapping[str, np.ndarray],
     target: Mapping[str, Any],
@@ -76,26 +99,11 @@ def torch_to_flax(
     that disagrees after layout conversion, and target params that no key provides.
     """
     flat_target = lora_lib.flatten(target)
-    ignored = [re.compile(p) for p in IGNORED]
     out: dict[str, np.ndarray] = {}
     for key in sorted(state):
-        if any(p.match(key) for p in ignored):
+        if is_buffer(key):
             continue
-        renamed = key
-        for pattern, repl in renames:
-            renamed = re.sub(pattern, repl, renamed)
-        module, _, leaf_pt = renamed.rpartition(".")
-        matches = [
-            f"{m}/{leaf}"
-            for m in _module_candidates(module)
-            for leaf in _LEAF_NAMES.get(leaf_pt, ())
-            if f"{m}/{leaf}" in flat_target
-        ]
-        if not matches:
-            raise ValueError(f"{source}: key {key!r} matches no parameter of the Flax model (unexpected key).")
-        if len(matches) > 1:
-            raise ValueError(f"{source}: key {key!r} is ambiguous between Flax params {matches}.")
-        path = matches[0]
+        path = _match(key, flat_target, renames, source)
         shape = tuple(flat_target[path].shape)
         value = _to_flax_layout(np.asarray(state[key]), shape, path.rsplit("/", 1)[1])
         if tuple(value.shape) != shape:
@@ -112,3 +120,38 @@ def torch_to_flax(
         shown = ", ".join(missing[:8]) + (" ..." if len(missing) > 8 else "")
         raise ValueError(f"{source}: {len(missing)} Flax params have no weights in the file: {shown}")
     return lora_lib.unflatten(out)
+
+
+def flax_to_torch(
+    params: Mapping[str, Any],
+    torch_shapes: Mapping[str, Sequence[int]],
+    *,
+    renames: Sequence[tuple[str, str]] = (),
+    source: str = "Flax params",
+) -> dict[str, np.ndarray]:
+    """The inverse: a PyTorch state dict (numpy) for a model whose state-dict keys and shapes are
+    ``torch_shapes`` (e.g. ``{k: v.shape for k, v in module.state_dict().items()}``). Buffers such
+    as ``position_ids`` are left out; every Flax param must be used exactly once."""
+    flat = lora_lib.flatten(params)
+    out: dict[str, np.ndarray] = {}
+    used: set[str] = set()
+    for key, shape in sorted(torch_shapes.items()):
+        if is_buffer(key):
+            continue
+        path = _match(key, flat, renames, source)
+        value = np.asarray(flat[path])
+        if path.endswith("/kernel"):
+            if value.ndim == 4:
+                value = np.transpose(value, (3, 2, 0, 1))
+            elif value.ndim == 2:
+                value = value.T
+                if len(shape) == 4:
+                    value = value[:, :, None, None]
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(f"{source}: param {path!r} becomes shape {value.shape}, but {key!r} needs {tuple(shape)}.")
+        out[key] = np.ascontiguousarray(value)
+        used.add(path)
+    unused = sorted(set(flat) - used)
+    if unused:
+        raise ValueError(f"{source}: {len(unused)} Flax params have no PyTorch key: {unused[:8]}")
+    return out
