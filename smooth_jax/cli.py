@@ -1,0 +1,171 @@
+"""The ``smooth-jax`` command line.
+
+    smooth-jax demo      [--out DIR]                        the embedded default, end to end
+    smooth-jax init-lora --model tiny --rank 8 --out L.msgpack
+    smooth-jax export    SOURCE --out OUT.safetensors [--format peft|legacy|kohya]
+    smooth-jax import    IN.safetensors --model MODEL --out L.msgpack
+    smooth-jax convert   IN OUT --to peft|legacy|kohya
+    smooth-jax info      FILE
+
+Heavy imports happen inside the commands, so ``--help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+FORMATS = ("peft", "legacy", "kohya")
+
+
+def _model_shapes(source: str):
+    """UNet param shapes of a preset, a local folder (configs only, no weights read) or a hub id."""
+    from smooth_jax.models import from_folder, from_hub, load, preset_param_shapes
+    from smooth_jax.models import presets
+
+    if source in presets.PRESETS:
+        return preset_param_shapes(source)["unet"]
+    path = Path(source).expanduser()
+    if path.exists():
+        return from_folder(path, load_params=False).param_shapes()["unet"]
+    return load(source).param_shapes()["unet"] if not source.count("/") == 1 else from_hub(source).param_shapes()["unet"]
+
+
+def cmd_init_lora(args) -> int:
+    import jax
+
+    from smooth_jax import export, lora
+
+    shapes = _model_shapes(args.model)
+    spec = lora.LoraSpec(rank=args.rank, alpha=args.alpha if args.alpha is not None else float(args.rank),
+                         targets=tuple(args.targets) if args.targets else lora.DEFAULT_TARGETS)
+    tree = lora.as_numpy(jax.jit(lambda k: lora.init(k, shapes, spec))(jax.random.PRNGKey(args.seed)))
+    lf = export.LoraFile(lora=tree, alpha=spec.alpha, targets=spec.targets, base_model=args.model)
+    out = export.save_native(args.out, lf)
+    print(f"wrote {out}: {len(lora.modules(tree))} modules, rank {spec.rank}, alpha {spec.alpha:g}, "
+          f"{lora.count(tree):,} parameters")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from smooth_jax import export
+
+    lf = export.read_any(args.source)
+    if args.base_model:
+        lf.base_model = args.base_model
+    out = export.save(args.out, lf, args.format)
+    print(f"wrote {out} ({args.format}): {_describe(lf)}")
+    return 0
+
+
+def cmd_import(args) -> int:
+    from smooth_jax import export
+
+    lf = export.read_any(args.source)
+    shapes = _model_shapes(args.model)
+    export.check_against(lf, shapes, args.source)
+    lf.base_model = lf.base_model or args.model
+    print(f"{args.source}: {lf.format} format, {_describe(lf)}; compatible with {args.model}")
+    if args.out:
+        print(f"wrote {export.save_native(args.out, lf)}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from smooth_jax import export
+
+    lf = export.read_any(args.source)
+    out = export.save(args.out, lf, args.to)
+    print(f"{args.source} ({lf.format}) -> {out} ({args.to}): {_describe(lf)}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from smooth_jax import export
+
+    lf = export.read_any(args.source)
+    print(f"{args.source}: {lf.format} format, {_describe(lf)}, base model {lf.base_model or 'unknown'}")
+    return 0
+
+
+def _describe(lf) -> str:
+    from smooth_jax import lora
+
+    return (f"{len(lora.modules(lf.lora))} modules, rank {lf.rank}, alpha {lf.alpha:g} "
+            f"(scale {lf.alpha / lf.rank:g}), {lora.count(lf.lora):,} parameters")
+
+
+def cmd_demo(args) -> int:
+    from smooth_jax import demo
+
+    return demo.run(Path(args.out), model=args.model, rank=args.rank, torch_check=not args.no_torch)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="smooth-jax", description="Smooth Diffusion (CVPR 2024) in JAX/Flax.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="run the embedded default end to end (no download)")
+    d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
+    d.add_argument("--model", default="tiny", help="model source: preset, diffusers folder or hub id")
+    d.add_argument("--rank", type=int, default=8)
+    d.add_argument("--no-torch", action="store_true", help="skip the check with diffusers' PyTorch UNet")
+    d.set_defaults(fn=cmd_demo)
+
+    i = sub.add_parser("init-lora", help="a fresh LoRA for a model (down ~ N(0, 1/r^2), up = 0)")
+    i.add_argument("--model", default="tiny", help="preset (tiny, sd15), diffusers folder or hub id")
+    i.add_argument("--rank", type=int, default=8)
+    i.add_argument("--alpha", type=float, default=None, help="scale = alpha / rank (default: alpha = rank)")
+    i.add_argument("--targets", nargs="*", help="regexes over module paths (default: to_q/to_k/to_v/to_out_0 of attn1/attn2)")
+    i.add_argument("--seed", type=int, default=0)
+    i.add_argument("--out", required=True, help="smooth-jax LoRA file (.msgpack)")
+    i.set_defaults(fn=cmd_init_lora)
+
+    e = sub.add_parser("export", help="write a LoRA as PyTorch .safetensors (diffusers/peft, legacy or kohya)",
+                       description="Write a smooth-jax LoRA (.msgpack) or any LoRA .safetensors as PyTorch "
+                                   ".safetensors. No base model weights are needed.")
+    e.add_argument("source", help="smooth-jax LoRA (.msgpack) or LoRA .safetensors in any of the three formats")
+    e.add_argument("--out", required=True, help="output .safetensors (written atomically)")
+    e.add_argument("--format", choices=FORMATS, default="peft",
+                   help="peft: diffusers load_lora_weights (default); legacy: the authors' attention-processor "
+                        "format (unet.load_attn_procs); kohya: ComfyUI / A1111")
+    e.add_argument("--base-model", default=None, help="recorded in the file's metadata")
+    e.set_defaults(fn=cmd_export)
+
+    m = sub.add_parser("import", help="read a PyTorch LoRA (any format) and check it against a base model",
+                       description="Detect the format of a LoRA .safetensors (diffusers/peft, legacy, kohya), "
+                                   "check every module against the base model's UNet, and optionally write it "
+                                   "as a smooth-jax LoRA.")
+    m.add_argument("source", help="LoRA .safetensors")
+    m.add_argument("--model", default="tiny", help="base model: preset (tiny, sd15), diffusers folder or hub id; "
+                                                   "only its configs are read")
+    m.add_argument("--out", default=None, help="write the smooth-jax LoRA here (.msgpack)")
+    m.set_defaults(fn=cmd_import)
+
+    c = sub.add_parser("convert", help="convert a LoRA file between formats, no base model needed")
+    c.add_argument("source")
+    c.add_argument("out")
+    c.add_argument("--to", choices=FORMATS, required=True)
+    c.set_defaults(fn=cmd_convert)
+
+    f = sub.add_parser("info", help="print a LoRA file's format, rank, alpha and size")
+    f.add_argument("source")
+    f.set_defaults(fn=cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from smooth_jax import runtime
+
+    runtime.setup()
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"smooth-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
