@@ -20,16 +20,12 @@ FORMATS = ("peft", "legacy", "kohya")
 
 
 def _model_shapes(source: str):
-    """UNet param shapes of a preset, a local folder (configs only, no weights read) or a hub id."""
-    from smooth_jax.models import from_folder, from_hub, load, preset_param_shapes
-    from smooth_jax.models import presets
+    """UNet param shapes of a preset, a local folder or a hub id; no weights are read."""
+    from smooth_jax.models import load_architecture, preset_param_shapes, presets
 
     if source in presets.PRESETS:
         return preset_param_shapes(source)["unet"]
-    path = Path(source).expanduser()
-    if path.exists():
-        return from_folder(path, load_params=False).param_shapes()["unet"]
-    return load(source).param_shapes()["unet"] if not source.count("/") == 1 else from_hub(source).param_shapes()["unet"]
+    return load_architecture(source).param_shapes()["unet"]
 
 
 def cmd_init_lora(args) -> int:

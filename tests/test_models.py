@@ -210,3 +210,13 @@ def test_flax_to_torch_inverts_the_conversion(torch_pipeline, converted_sd, tmp_
     again = from_folder(folder)
     a, b = lora.flatten(again.params), lora.flatten(converted_sd.params)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.torch
+def test_load_architecture_reads_no_weights(torch_pipeline_dir, converted_sd):
+    from smooth_jax.models import load_architecture
+
+    arch = load_architecture(str(torch_pipeline_dir))
+    assert arch.params is None
+    shapes = lora.flatten(arch.param_shapes())
+    assert {k: v.shape for k, v in shapes.items()} == {k: v.shape for k, v in lora.flatten(converted_sd.params).items()}

@@ -8,5 +8,6 @@ from smooth_jax.models.loading import (  # noqa: F401
     from_hub,
     from_preset,
     load,
+    load_architecture,
     preset_param_shapes,
 )

@@ -310,8 +310,9 @@ def from_folder(folder: str | Path, *, dtype=jnp.float32, load_params: bool = Tr
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def from_hub(repo_id: str, *, revision: str | None = None, dtype=jnp.float32) -> StableDiffusion:
-    """Download the diffusers-format files of ``repo_id`` (needs network) and load them."""
+def from_hub(repo_id: str, *, revision: str | None = None, dtype=jnp.float32, load_params: bool = True) -> StableDiffusion:
+    """Download the diffusers-format files of ``repo_id`` (needs network) and load them.
+    With ``load_params=False`` only configs and tokenizer are fetched."""
     from huggingface_hub import snapshot_download
 
     patterns = [
@@ -319,9 +320,9 @@ def from_hub(repo_id: str, *, revision: str | None = None, dtype=jnp.float32) ->
         "*/config.json",
         "scheduler/scheduler_config.json",
         "tokenizer/*",
-        "*/diffusion_pytorch_model.safetensors",
-        "text_encoder/model.safetensors",
     ]
+    if load_params:
+        patterns += ["*/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"]
     try:
         local = snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
     except Exception as e:  # the hub raises many kinds: offline, gated, not found
@@ -330,7 +331,7 @@ def from_hub(repo_id: str, *, revision: str | None = None, dtype=jnp.float32) ->
             "Without network, pass a local diffusers-format folder: --model /path/to/stable-diffusion-v1-5 "
             "(e.g. one saved by StableDiffusionPipeline.save_pretrained), or --model tiny for the embedded model."
         ) from None
-    return from_folder(local, dtype=dtype)
+    return from_folder(local, dtype=dtype, load_params=load_params)
 
 
 def load(source: str, *, rng: jax.Array | None = None, dtype=jnp.float32) -> StableDiffusion:
@@ -356,6 +357,19 @@ def load(source: str, *, rng: jax.Array | None = None, dtype=jnp.float32) -> Sta
         f"Model source {source!r} is neither a preset ({', '.join(sorted(presets.PRESETS))}), "
         "an existing diffusers-format folder, nor a hub id of the form owner/name."
     )
+
+
+def load_architecture(source: str, *, dtype=jnp.float32) -> StableDiffusion:
+    """Like ``load`` but without params: configs, tokenizer and schedule only (no weights read or
+    downloaded). Any preset works here, ``sd15`` included."""
+    if source in presets.PRESETS:
+        return from_preset(source, dtype=dtype)
+    path = Path(source).expanduser()
+    if path.exists():
+        return from_folder(path, dtype=dtype, load_params=False)
+    if _HUB_ID.match(source):
+        return from_hub(source, dtype=dtype, load_params=False)
+    raise ModelLoadError(f"Model source {source!r} is neither a preset, an existing folder, nor a hub id.")
 
 
 @functools.lru_cache(maxsize=None)

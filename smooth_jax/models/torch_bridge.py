@@ -9,6 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from smooth_jax.models import convert
 from smooth_jax.models.loading import StableDiffusion
 
@@ -31,7 +33,7 @@ def _load_into(module, flax_params: Any, renames=(), source: str = "") -> Any:
 
     shapes = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     state = convert.flax_to_torch(flax_params, shapes, renames=renames, source=source)
-    missing, unexpected = module.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()}, strict=False)
+    missing, unexpected = module.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in state.items()}, strict=False)
     # Only non-parameter buffers (position_ids) may be absent from the converted dict.
     if unexpected or any(not convert.is_buffer(k) for k in missing):
         raise ValueError(f"{source}: PyTorch load mismatch, missing={missing[:5]} unexpected={unexpected[:5]}")

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Set up smooth-jax in a virtual environment at ./.venv (idempotent; re-running is fast).
+#   bash launch/install.sh             runtime + the PyTorch extra (diffusers' PyTorch side, peft, pytest)
+#   bash launch/install.sh --no-torch  runtime only
+# Python 3.10+ is needed; PYTHON overrides the interpreter (default python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+EXTRA="[test]"
+[ "${1:-}" = "--no-torch" ] && EXTRA=""
+
+# Some machines configure local package mirrors that pip reports as "Location ... is ignored"
+# on every package; drop that noise but keep pip's exit status.
+pip_install() { .venv/bin/python -m pip install -q --disable-pip-version-check "$@" 2> >(grep -v "is ignored" >&2); }
+
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip_install -e ".${EXTRA}"
+# The real CLIP BPE vocabulary (for the offline SD tokenizer) ships in clip-anytorch. Only its
+# data file is used; --no-deps keeps its torch/torchvision requirements out.
+pip_install --no-deps clip-anytorch==2.6.0
+.venv/bin/python -c "import smooth_jax, jax, flax, diffusers; print('smooth-jax', smooth_jax.__version__, '| jax', jax.__version__, '| flax', flax.__version__, '| diffusers', diffusers.__version__)"
