@@ -220,3 +220,36 @@ def test_load_architecture_reads_no_weights(torch_pipeline_dir, converted_sd):
     assert arch.params is None
     shapes = lora.flatten(arch.param_shapes())
     assert {k: v.shape for k, v in shapes.items()} == {k: v.shape for k, v in lora.flatten(converted_sd.params).items()}
+
+
+@pytest.mark.torch
+def test_hub_id_downloads_then_loads_like_a_folder(torch_pipeline_dir, converted_sd, monkeypatch):
+    """The hub path with the network replaced by a local copy: the same files, the same params."""
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None):
+        calls.append((repo_id, tuple(allow_patterns)))
+        return str(torch_pipeline_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    sd = load("someone/tiny-sd")
+    assert calls[0][0] == "someone/tiny-sd" and "*/diffusion_pytorch_model.safetensors" in calls[0][1]
+    a, b = lora.flatten(sd.params), lora.flatten(converted_sd.params)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.torch
+def test_pickled_bin_weights_load(torch_pipeline_dir, converted_sd, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "bin_model"
+    shutil.copytree(torch_pipeline_dir, folder)
+    st = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(str(st)), folder / "unet" / "diffusion_pytorch_model.bin")
+    st.unlink()
+    sd = from_folder(folder)
+    a, b = lora.flatten(sd.params["unet"]), lora.flatten(converted_sd.params["unet"])
+    assert all(np.array_equal(a[k], b[k]) for k in a)
