@@ -1,8 +1,9 @@
 """The ``smooth-jax`` command line.
 
     smooth-jax demo      [--out DIR]                        the embedded default, end to end
+    smooth-jax train     --config configs/tiny.py --workdir runs/x [--resume] [--config.a.b=v ...]
     smooth-jax init-lora --model tiny --rank 8 --out L.msgpack
-    smooth-jax export    SOURCE --out OUT.safetensors [--format peft|legacy|kohya]
+    smooth-jax export    SOURCE | --checkpoint WORKDIR[/STEP] --out OUT.safetensors [--format ...]
     smooth-jax import    IN.safetensors --model MODEL --out L.msgpack
     smooth-jax convert   IN OUT --to peft|legacy|kohya
     smooth-jax info      FILE
@@ -44,10 +45,37 @@ def cmd_init_lora(args) -> int:
     return 0
 
 
+def cmd_train(args, overrides: list[str]) -> int:
+    from smooth_jax import config_loader, sharding, train
+
+    sharding.maybe_initialize_distributed()
+    config = config_loader.apply_overrides(config_loader.load_config(args.config), overrides)
+    result = train.train_and_evaluate(config, args.workdir, resume=args.resume,
+                                      stop_after=args.stop_after, progress=not args.no_progress)
+    if result.history:
+        last = result.history[-1]
+        print(f"step {result.step}: loss {last['loss/total']:.4f} (base {last['loss/base']:.4f}, "
+              f"reg {last['loss/reg']:.4g}, a {last['reg/ema_a']:.4g})")
+    return 0
+
+
+def _checkpoint_lora(path: str):
+    from smooth_jax import checkpoint, export
+
+    tree, config, step = checkpoint.restore_lora(path)
+    lora_cfg = config["lora"]
+    lf = export.LoraFile(lora=tree, alpha=float(lora_cfg["alpha"]), targets=tuple(lora_cfg["targets"]),
+                         base_model=str(config.get("model", "")))
+    print(f"{path}: checkpoint at step {step}")
+    return lf
+
+
 def cmd_export(args) -> int:
     from smooth_jax import export
 
-    lf = export.read_any(args.source)
+    if (args.source is None) == (args.checkpoint is None):
+        raise ValueError("pass either a LoRA file or --checkpoint WORKDIR[/STEP], not both or neither.")
+    lf = export.read_any(args.source) if args.source else _checkpoint_lora(args.checkpoint)
     if args.base_model:
         lf.base_model = args.base_model
     out = export.save(args.out, lf, args.format)
@@ -109,6 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-torch", action="store_true", help="skip the check with diffusers' PyTorch UNet")
     d.set_defaults(fn=cmd_demo)
 
+    t = sub.add_parser("train", help="train a Smooth LoRA (any mesh, single- or multi-host)",
+                       description="Train a Smooth Diffusion LoRA. Config fields are overridden with "
+                                   "--config.SECTION.FIELD=VALUE, e.g. --config.train.lr=1e-4.")
+    t.add_argument("--config", required=True, help="a configs/*.py file defining get_config()")
+    t.add_argument("--workdir", required=True, help="checkpoints, TensorBoard logs, samples and the final LoRA go here")
+    t.add_argument("--resume", action="store_true",
+                   help="require a checkpoint in the workdir (a run always continues from one if present)")
+    t.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after this many steps")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.set_defaults(fn=cmd_train, takes_overrides=True)
+
     i = sub.add_parser("init-lora", help="a fresh LoRA for a model (down ~ N(0, 1/r^2), up = 0)")
     i.add_argument("--model", default="tiny", help="preset (tiny, sd15), diffusers folder or hub id")
     i.add_argument("--rank", type=int, default=8)
@@ -119,9 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(fn=cmd_init_lora)
 
     e = sub.add_parser("export", help="write a LoRA as PyTorch .safetensors (diffusers/peft, legacy or kohya)",
-                       description="Write a smooth-jax LoRA (.msgpack) or any LoRA .safetensors as PyTorch "
-                                   ".safetensors. No base model weights are needed.")
-    e.add_argument("source", help="smooth-jax LoRA (.msgpack) or LoRA .safetensors in any of the three formats")
+                       description="Write a smooth-jax LoRA (.msgpack), a training checkpoint, or any LoRA "
+                                   ".safetensors as PyTorch .safetensors. No base model weights are needed.")
+    e.add_argument("source", nargs="?", help="smooth-jax LoRA (.msgpack) or LoRA .safetensors in any of the three formats")
+    e.add_argument("--checkpoint", default=None,
+                   help="a training workdir (latest checkpoint), WORKDIR/checkpoints/STEP, or its checkpoints folder; "
+                        "any topology, single- or multi-host")
     e.add_argument("--out", required=True, help="output .safetensors (written atomically)")
     e.add_argument("--format", choices=FORMATS, default="peft",
                    help="peft: diffusers load_lora_weights (default); legacy: the authors' attention-processor "
@@ -152,12 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "takes_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     from smooth_jax import runtime
 
     runtime.setup()
     try:
-        return args.fn(args)
+        return args.fn(args, rest) if getattr(args, "takes_overrides", False) else args.fn(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"smooth-jax {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -169,10 +169,12 @@ class StableDiffusion:
         out = self.text_encoder.apply({"params": text_params}, ids, jnp.ones_like(ids), pos, deterministic=True)
         return out.last_hidden_state
 
-    def encode_images(self, vae_params, images):
-        """images: [B,3,H,W] in [-1,1] -> scaled latent posterior mean [B,4,H/f,W/f]."""
+    def encode_images(self, vae_params, images, rng: jax.Array | None = None):
+        """images: [B,3,H,W] in [-1,1] -> scaled latents [B,4,H/f,W/f]: the posterior mean, or a
+        posterior sample when ``rng`` is given (as diffusers' training scripts encode)."""
         posterior = self.vae.apply({"params": vae_params}, images, method=self.vae.encode).latent_dist
-        return jnp.transpose(posterior.mean, (0, 3, 1, 2)) * self.latent_scaling
+        z = posterior.mean if rng is None else posterior.sample(rng)
+        return jnp.transpose(z, (0, 3, 1, 2)) * self.latent_scaling
 
     def decode_latents(self, vae_params, latents):
         """latents: [B,4,h,w] (scaled) -> images [B,3,h*f,w*f], roughly in [-1,1]."""

@@ -1,0 +1,18 @@
+"""The paper's setting on TPU v5e-16 (16 chips on 4 hosts, 16 GiB HBM each): 16-way data parallel, 1 sample(s) per device per
+micro-batch, 6-step accumulation = global batch 96, bfloat16 compute, fp32 LoRA.
+
+    smooth-jax train --config configs/sd15_tpu_v5e_16.py --workdir runs/sd15 \
+        --config.model=/data/stable-diffusion-v1-5 --config.data.path=/data/laion_aesthetics_6.5
+See launch/ for the multi-host commands.
+"""
+
+from configs import sd15_smooth_lora
+
+
+def get_config():
+    c = sd15_smooth_lora.get_config()
+    c.mesh.shape = {"data": 16, "fsdp": 1}
+    c.train.grad_accum = 6
+    c.train.batch_size = 96
+    c.train.compute_dtype = "bfloat16"
+    return c
