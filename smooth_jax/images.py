@@ -1,0 +1,108 @@
+"""Images out of the model, onto disk: uint8 conversion, PNG grids and GIFs, written atomically.
+
+Model images are NCHW float in [-1, 1] (``StableDiffusion.decode_latents``); files are HWC uint8.
+Every writer takes either form.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import secrets
+from pathlib import Path
+
+import numpy as np
+
+
+def to_uint8(images) -> np.ndarray:
+    """``[N, 3, H, W]`` float in [-1, 1] -> ``uint8 [N, H, W, 3]``.
+
+    As diffusers' postprocessing: ``clip(x / 2 + 0.5, 0, 1) * 255``, rounded to nearest.
+    """
+    x = np.asarray(images, dtype=np.float32)
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected images [N, 3, H, W], got shape {x.shape}.")
+    x = np.clip(x / 2.0 + 0.5, 0.0, 1.0)
+    return np.round(x * 255.0).astype(np.uint8).transpose(0, 2, 3, 1)
+
+
+def _as_hwc_uint8(images) -> np.ndarray:
+    """uint8 ``[N, H, W, 3]`` passes through; anything else is float NCHW in [-1, 1]."""
+    x = np.asarray(images)
+    if x.dtype == np.uint8:
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"uint8 images must be [N, H, W, 3], got shape {x.shape}.")
+        return x
+    return to_uint8(x)
+
+
+def make_grid(images, nrow: int, padding: int = 0, fill: int = 255) -> np.ndarray:
+    """Tile N images into one ``uint8 [rows*H + pad, nrow*W + pad, 3]`` array, row-major.
+
+    ``nrow`` images per row (torchvision's convention); ``rows = ceil(N / nrow)``; empty cells and
+    the ``padding`` pixels between and around cells are ``fill``.
+    """
+    x = _as_hwc_uint8(images)
+    n, h, w, _ = x.shape
+    if nrow < 1:
+        raise ValueError(f"nrow must be >= 1, got {nrow}.")
+    ncol = min(nrow, n)
+    rows = -(-n // nrow)
+    grid = np.full((rows * (h + padding) + padding, ncol * (w + padding) + padding, 3), fill, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, nrow)
+        y0, x0 = padding + r * (h + padding), padding + c * (w + padding)
+        grid[y0 : y0 + h, x0 : x0 + w] = x[i]
+    return grid
+
+
+def save_grid(images, path: str | os.PathLike, nrow: int, padding: int = 0) -> Path:
+    """Write ``images`` as one PNG grid at ``path`` (see ``make_grid``), atomically; creates parent folders."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(make_grid(images, nrow, padding)).save(buf, format="PNG")
+    path = Path(path)
+    atomic_write(path, buf.getvalue())
+    return path
+
+
+def save_gif(frames, path: str | os.PathLike, duration_ms: int = 100, loop: int = 0) -> Path:
+    """Write ``frames`` (``[N, ...]`` as ``to_uint8`` takes, or uint8 ``[N, H, W, 3]``) as an animated GIF.
+
+    duration_ms: display time of each frame; loop: 0 repeats forever. Atomic; creates parent folders.
+    GIF has a 256-colour palette per frame, so pixels are quantized: use PNG for exact values.
+    """
+    from PIL import Image
+
+    pics = [Image.fromarray(f) for f in _as_hwc_uint8(frames)]
+    if not pics:
+        raise ValueError("save_gif needs at least one frame.")
+    buf = io.BytesIO()
+    pics[0].save(buf, format="GIF", save_all=True, append_images=pics[1:], duration=int(duration_ms), loop=loop)
+    path = Path(path)
+    atomic_write(path, buf.getvalue())
+    return path
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that it appears complete or not at all.
+
+    The bytes go to a hidden temp file in the same folder (so ``os.replace`` is a rename on one
+    filesystem), are fsynced, then renamed over ``path``; on any error the temp file is removed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    # 0o666 lets the umask choose the final permissions (mkstemp would leave 0600).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
