@@ -54,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.shape = {"data": -1, "fsdp": 1}
+    c.mesh.num_devices = 0  # 0 = every device of every process
     # (regex over 'unet/...', 'vae/...', 'text_encoder/...' paths, 'replicate' | 'fsdp'); first match wins.
     c.mesh.rules = (("unet/.*", "replicate"), (".*", "replicate"))
 

@@ -21,13 +21,18 @@ from smooth_jax import lora as lora_lib
 BATCH_AXES = ("data", "fsdp")
 
 
-def make_mesh(shape: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
-    """Mesh over ``devices`` (default all) with axes ('data', 'fsdp'); one size may be -1 (the rest).
+def make_mesh(shape: Mapping[str, int], devices: Sequence[Any] | None = None, num_devices: int = 0) -> Mesh:
+    """Mesh over ``devices`` (default all, or the first ``num_devices``) with axes ('data', 'fsdp');
+    one size may be -1 (the rest).
 
     shape: e.g. {"data": -1, "fsdp": 1}. Devices are laid out so that the fsdp axis is innermost
     (neighbouring devices, the fastest links on TPU slices and NVLink islands).
     """
     devices = list(jax.devices() if devices is None else devices)
+    if num_devices:
+        if num_devices > len(devices):
+            raise ValueError(f"mesh.num_devices={num_devices} but only {len(devices)} devices exist.")
+        devices = devices[:num_devices]
     sizes = {name: int(shape.get(name, 1)) for name in BATCH_AXES}
     unknown = set(shape) - set(BATCH_AXES)
     if unknown:

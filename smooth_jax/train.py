@@ -88,27 +88,21 @@ def _unet_fn(sd, remat: str):
     return jax.checkpoint(fn, policy=REMAT_POLICIES[remat])
 
 
-def make_train_step(sd, config: ml_collections.ConfigDict, *, regularize: bool) -> Callable:
-    """Build ``train_step(state, frozen, batch) -> (state, metrics)``.
+def make_micro_loss(sd, config: ml_collections.ConfigDict, *, regularize: bool) -> Callable:
+    """``micro_loss(lora, frozen, micro, ema_a, rng) -> (loss, LossOut)`` for one micro-batch.
 
-    frozen: {"unet", "vae", "text_encoder"} base params (never differentiated).
-    batch: leaves with a leading grad-accumulation axis A: ``images [A,b,3,H,W]`` and
-    ``input_ids [A,b,77]``, or cached ``latents [A,b,4,h,w]`` and ``context [A,b,77,D]``.
-    The A micro-batches run in a ``lax.scan``; gradients are averaged, the EMA is updated after
-    each micro-batch (as the authors do every micro-step). With lazy regularization every k
-    steps, the regularized step weighs the penalty by lambda * k.
+    micro: ``images [b,3,H,W]`` + ``input_ids [b,77]``, or cached ``latents [b,4,h,w]`` +
+    ``context [b,77,D]``. rng draws t, eps, u and the VAE posterior sample.
     """
-    tx = make_optimizer(config.train)
-    lr_at = learning_rate_schedule(config.train)
     scale = float(config.lora.alpha) / float(config.lora.rank)
     reg_weight = float(config.objective.reg_weight) * int(config.objective.reg_every)
     decay = float(config.objective.ema_decay)
     abar_table = jnp.asarray(sd.schedule.alphas_cumprod, jnp.float32)
     num_t = sd.schedule.num_train_timesteps
     unet = _unet_fn(sd, config.train.remat)
-    sample_posterior = config.train.latents == "sample"
     if config.train.latents not in ("sample", "mean"):
         raise ValueError(f"train.latents={config.train.latents!r}: choose 'sample' or 'mean'.")
+    sample_posterior = config.train.latents == "sample"
 
     def micro_loss(lora_tree, frozen, micro, ema_a, rng):
         k_t, k_eps, k_u, k_vae = jax.random.split(rng, 4)
@@ -130,6 +124,23 @@ def make_train_step(sd, config: ml_collections.ConfigDict, *, regularize: bool) 
         else:
             out = objective.plain_loss(eps_fn, x0, eps, abar, ema_a)
         return out.loss, out
+
+    return micro_loss
+
+
+def make_train_step(sd, config: ml_collections.ConfigDict, *, regularize: bool) -> Callable:
+    """Build ``train_step(state, frozen, batch) -> (state, metrics)``.
+
+    frozen: {"unet", "vae", "text_encoder"} base params (never differentiated).
+    batch: leaves with a leading grad-accumulation axis A: ``images [A,b,3,H,W]`` and
+    ``input_ids [A,b,77]``, or cached ``latents [A,b,4,h,w]`` and ``context [A,b,77,D]``.
+    The A micro-batches run in a ``lax.scan`` with rngs ``fold_in(fold_in(state.rng, step), i)``;
+    gradients are averaged, the EMA is updated after each micro-batch (as the authors do every
+    micro-step). With lazy regularization every k steps, the penalty is weighed by lambda * k.
+    """
+    tx = make_optimizer(config.train)
+    lr_at = learning_rate_schedule(config.train)
+    micro_loss = make_micro_loss(sd, config, regularize=regularize)
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
@@ -264,7 +275,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     workdir = Path(workdir)
     is_main = jax.process_index() == 0
     # --- mesh
-    mesh = sharding.make_mesh(dict(config.mesh.shape))
+    mesh = sharding.make_mesh(dict(config.mesh.shape), num_devices=int(config.mesh.num_devices))
     replicated = sharding.replicated(mesh)
     n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     accum, batch_size = int(config.train.grad_accum), int(config.train.batch_size)

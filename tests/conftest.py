@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "")
+# 8 host devices, so mesh tests can shard over a real 8-device mesh on a CPU. Everything else
+# runs on device 0 as usual.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax  # noqa: E402
