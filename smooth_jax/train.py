@@ -168,7 +168,7 @@ def make_train_step(sd, config: ml_collections.ConfigDict, *, regularize: bool) 
         updates, opt_state = tx.update(grads, state.opt_state, state.lora)
         new_lora = optax.apply_updates(state.lora, updates)
         metrics = {k: jnp.mean(v) for k, v in stats.items()}
-        metrics.update({"reg/ema_a": ema_a, "grad_norm": optax.global_norm(grads), "lr": lr_at(state.step)})
+        metrics.update({"reg/ema_a": ema_a, "grad_norm": optax.tree.norm(grads), "lr": lr_at(state.step)})
         new_state = state.replace(step=state.step + 1, lora=new_lora, opt_state=opt_state, ema_a=ema_a)
         return new_state, metrics
 
@@ -268,11 +268,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     ``resume=True`` makes a missing checkpoint an error. ``stop_after`` ends the call after that
     many steps (as a preemption would), saving a checkpoint first.
     """
+    # SIGTERM is caught from the start: a preemption during compilation must not kill the run
+    # without a trace; it stops the run after its first step, with a checkpoint.
+    with _Preemption() as preempt:
+        return _run(config, Path(workdir), preempt, resume=resume, stop_after=stop_after, progress=progress)
+
+
+def _run(config, workdir: Path, preempt: "_Preemption", *, resume: bool, stop_after: int | None,
+         progress: bool) -> RunResult:
     from smooth_jax import checkpoint as ckpt_lib
     from smooth_jax import data as data_lib
     from smooth_jax import train_log
 
-    workdir = Path(workdir)
     is_main = jax.process_index() == 0
     # --- mesh
     mesh = sharding.make_mesh(dict(config.mesh.shape), num_devices=int(config.mesh.num_devices))
@@ -324,7 +331,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path, *
     pending = None
     stopped_early = False
     sampler = train_log.SampleWriter(sd, config, workdir) if is_main and int(config.log.sample_every) > 0 else None
-    with _Preemption() as preempt, log.progress(start, total, enabled=progress and is_main) as bar:
+    with log.progress(start, total, enabled=progress and is_main) as bar:
         for step in range(start, end):
             batch = _local_batch_to_global(next(data_iter), accum, mesh)
             use_reg = regularized and step % reg_every == 0

@@ -7,6 +7,7 @@ Only process 0 writes; other processes get a disabled RunLog. Metrics arrive one
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from pathlib import Path
 
@@ -21,6 +22,9 @@ class RunLog:
         self.enabled = enabled
         self.every = max(1, int(config.log.every))
         self.writer = None
+        self.metrics_path = Path(workdir) / "metrics.jsonl"
+        if enabled:
+            Path(workdir).mkdir(parents=True, exist_ok=True)
         if enabled and config.log.tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -54,6 +58,9 @@ class RunLog:
             bar.set_postfix(loss=f"{host['loss/total']:.4f}", reg=f"{host['loss/reg']:.3g}", a=f"{host['reg/ema_a']:.3g}",
                             refresh=False)
         host["step"] = step + 1
+        if self.enabled:  # one JSON line per step: easy to diff between runs and topologies
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(host) + "\n")
         return host
 
     def image(self, tag: str, image_hwc: np.ndarray, step: int) -> None:

@@ -1,0 +1,218 @@
+"""The train step and loop: optimizer, accumulation, remat, bf16, lazy regularization, meshes,
+checkpoints and exact resumption. Numbers are checked against independent computations
+(a hand-written AdamW, per-micro-batch gradients, a 1-device run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from smooth_jax import config_loader, export, lora, train
+from smooth_jax.models.tokenizer import tokenize
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_config(**fields):
+    """configs/tiny.py shrunk for tests: batch 4, a few steps, no sample grids."""
+    c = config_loader.load_config(ROOT / "configs" / "tiny.py")
+    c.train.steps = 4
+    c.train.batch_size = 4
+    c.checkpoint.every = 2
+    c.log.sample_every = 0
+    c.log.every = 1
+    c.export.formats = ("peft",)
+    c.mesh.num_devices = 1  # the session has 8 CPU devices (conftest); meshes are tested on purpose below
+    overrides = [f"--config.{k}={v}" for k, v in fields.items()]
+    return config_loader.apply_overrides(c, overrides)
+
+
+def _batch(sd, accum=2, b=2, seed=0):
+    r = np.random.default_rng(seed)
+    images = r.uniform(-1, 1, (accum, b, 3, 32, 32)).astype(np.float32)
+    ids = tokenize(sd.tokenizer, ["a handwritten digit seven"] * (accum * b)).reshape(accum, b, -1)
+    return {"images": jnp.asarray(images), "input_ids": jnp.asarray(ids)}
+
+
+def _frozen(sd):
+    return {c: sd.params[c] for c in ("unet", "vae", "text_encoder")}
+
+
+def _leaves(tree):
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
+
+
+def test_step_is_adamw_of_averaged_microbatch_gradients(tiny_sd):
+    """One regularized step with 2 accumulated micro-batches, against: the micro-batch gradients
+    taken one by one (EMA threaded by hand), averaged, clipped and run through AdamW in numpy.
+
+    Adam's first step is ~lr * g / (|g| + eps): for elements with |g| near eps it amplifies float32
+    rounding of g (which differs between the scan and the one-by-one path) into a visible share
+    of a step. eps = 1e-5 (a real config option) keeps every element well away from that regime."""
+    c = tiny_config(**{"train.grad_accum": 2, "train.lr": 0.01, "train.weight_decay": 0.1, "train.b1": 0.8,
+                       "train.b2": 0.95, "train.grad_clip": 1e-3, "train.eps": 1e-5,
+                       "train.latents": "mean"})
+    spec = lora.LoraSpec(rank=c.lora.rank, alpha=c.lora.alpha)
+    tree = lora.random_like(jax.random.PRNGKey(5), lora.init(jax.random.PRNGKey(4), tiny_sd.params["unet"], spec), 0.05)
+    state = train.create_train_state(tree, train.make_optimizer(c.train), jax.random.PRNGKey(9))
+    state = state.replace(ema_a=jnp.asarray(0.3, jnp.float32))
+    batch, frozen = _batch(tiny_sd), _frozen(tiny_sd)
+    step = jax.jit(train.make_train_step(tiny_sd, c, regularize=True))
+    new_state, metrics = step(state, frozen, batch)
+
+    micro = jax.jit(jax.value_and_grad(train.make_micro_loss(tiny_sd, c, regularize=True), has_aux=True))
+    rng = jax.random.fold_in(state.rng, 0)
+    a, grads = state.ema_a, []
+    for i in range(2):
+        (_, out), g = micro(tree, frozen, {k: v[i] for k, v in batch.items()}, a, jax.random.fold_in(rng, i))
+        a = out.ema_a
+        grads.append(_leaves(g))
+    g = [(x + y) / 2 for x, y in zip(*grads)]
+    norm = np.sqrt(sum(np.sum(x.astype(np.float64) ** 2) for x in g))
+    assert norm > 1e-3  # clipping is active
+    g = [x * (1e-3 / norm) for x in g]
+    expected = []
+    for p, gi in zip(_leaves(tree), g):
+        m, v = (1 - 0.8) * gi, (1 - 0.95) * gi**2
+        m_hat, v_hat = m / (1 - 0.8), v / (1 - 0.95)
+        expected.append(p - 0.01 * (m_hat / (np.sqrt(v_hat) + 1e-5) + 0.1 * p))
+    for got, want in zip(_leaves(new_state.lora), expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)  # 2e-4 of one lr step
+    np.testing.assert_allclose(float(metrics["grad_norm"]), norm, rtol=1e-5)
+    np.testing.assert_allclose(float(new_state.ema_a), float(a), rtol=1e-6)
+    assert int(new_state.step) == 1 and all(x.dtype == np.float32 for x in _leaves(new_state.lora))
+
+
+def test_remat_policies_do_not_change_the_numbers(tiny_sd):
+    c = tiny_config(**{"train.latents": "mean"})
+    spec = lora.LoraSpec(rank=c.lora.rank, alpha=c.lora.alpha)
+    tree = lora.random_like(jax.random.PRNGKey(5), lora.init(jax.random.PRNGKey(4), tiny_sd.params["unet"], spec), 0.05)
+    micro = {k: v[0] for k, v in _batch(tiny_sd).items()}
+    results = {}
+    for policy in ("none", "full", "dots"):
+        c.train.remat = policy
+        f = jax.jit(jax.value_and_grad(train.make_micro_loss(tiny_sd, c, regularize=True), has_aux=True))
+        (loss, _), g = f(tree, _frozen(tiny_sd), micro, 0.0, jax.random.PRNGKey(0))
+        results[policy] = (float(loss), _leaves(g))
+    for policy in ("full", "dots"):
+        np.testing.assert_allclose(results[policy][0], results["none"][0], rtol=1e-5)
+        for a, b in zip(results[policy][1], results["none"][1]):
+            np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * np.abs(b).max())  # fusion-order rounding
+    with pytest.raises(ValueError, match="train.remat='sometimes'"):
+        c.train.remat = "sometimes"
+        train.make_micro_loss(tiny_sd, c, regularize=True)
+
+
+def test_bf16_compute_keeps_fp32_lora_and_close_losses(tiny_sd):
+    from smooth_jax.models import StableDiffusion
+
+    c = tiny_config(**{"train.latents": "mean", "train.compute_dtype": "bfloat16"})
+    sd16 = StableDiffusion(configs=tiny_sd.configs, tokenizer=tiny_sd.tokenizer, schedule=tiny_sd.schedule,
+                           params=tiny_sd.params, dtype=jnp.bfloat16)
+    spec = lora.LoraSpec(rank=c.lora.rank, alpha=c.lora.alpha)
+    tree = lora.init(jax.random.PRNGKey(4), tiny_sd.params["unet"], spec)
+    state = train.create_train_state(tree, train.make_optimizer(c.train), jax.random.PRNGKey(9))
+    batch = _batch(tiny_sd)
+    s16, m16 = jax.jit(train.make_train_step(sd16, c, regularize=True))(state, _frozen(tiny_sd), batch)
+    s32, m32 = jax.jit(train.make_train_step(tiny_sd, c, regularize=True))(state, _frozen(tiny_sd), batch)
+    assert all(x.dtype == np.float32 for x in _leaves(s16.lora))
+    # bf16 has 8 mantissa bits: ~0.4% per op; the losses are sums over many, so allow 5%.
+    for k in ("loss/base", "reg/norm_mean"):
+        np.testing.assert_allclose(float(m16[k]), float(m32[k]), rtol=5e-2)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """4 steps, lazy regularization every 2 steps, checkpoints every 2."""
+    workdir = tmp_path_factory.mktemp("full")
+    c = tiny_config(**{"objective.reg_every": 2})
+    return c, train.train_and_evaluate(c, workdir, progress=False)
+
+
+def test_lazy_regularization_schedule_and_weight(uninterrupted):
+    c, run = uninterrupted
+    assert [h["step"] for h in run.history] == [1, 2, 3, 4]
+    for h in run.history:
+        if (h["step"] - 1) % 2 == 0:  # steps 0 and 2 (0-based) regularize, with lambda * k
+            assert h["loss/reg"] > 0
+            np.testing.assert_allclose(h["loss/total"] - h["loss/base"], 2 * h["loss/reg"], rtol=1e-4)
+        else:
+            assert h["loss/reg"] == 0 and h["loss/total"] == h["loss/base"]
+    assert run.history[1]["reg/ema_a"] == run.history[0]["reg/ema_a"]  # the plain step leaves a alone
+
+
+def test_run_writes_checkpoints_tensorboard_and_final_lora(uninterrupted, tiny_sd):
+    _, run = uninterrupted
+    steps = sorted(int(p.name) for p in (run.workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [2, 4]
+    assert list((run.workdir / "tensorboard").glob("events.out.tfevents.*"))
+    lf = export.read_any(run.workdir / "lora_final_peft.safetensors")
+    export.check_against(lf, tiny_sd.param_shapes()["unet"], "final")
+    from smooth_jax import checkpoint
+
+    tree, config, step = checkpoint.restore_lora(run.workdir)
+    assert step == 4 and config["lora"]["rank"] == 8
+    for a, b in zip(_leaves(tree), _leaves(lf.lora)):
+        assert np.array_equal(a, b)
+
+
+def test_resume_continues_exactly(uninterrupted, tmp_path):
+    """Stopped after 2 steps and resumed: the same losses for steps 3-4 and the same final LoRA."""
+    c, full = uninterrupted
+    first = train.train_and_evaluate(c, tmp_path, stop_after=2, progress=False)
+    assert first.step == 2 and first.stopped_early
+    assert not (tmp_path / "lora_final_peft.safetensors").exists()
+    second = train.train_and_evaluate(c, tmp_path, resume=True, progress=False)
+    assert second.step == 4 and [h["step"] for h in second.history] == [3, 4]
+    for got, want in zip(first.history + second.history, full.history):
+        assert got == want
+    a = export.read_any(tmp_path / "lora_final_peft.safetensors")
+    b = export.read_any(full.workdir / "lora_final_peft.safetensors")
+    assert all(np.array_equal(x, y) for x, y in zip(_leaves(a.lora), _leaves(b.lora)))
+
+
+def test_resume_flag_without_checkpoint_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train.train_and_evaluate(tiny_config(), tmp_path / "empty", resume=True, progress=False)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_stops_then_resumes(tmp_path):
+    c = tiny_config(**{"train.steps": 16, "checkpoint.every": 100})
+    timer = threading.Timer(2.0, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        run = train.train_and_evaluate(c, tmp_path, progress=False)
+    finally:
+        timer.cancel()
+    assert run.stopped_early and 1 <= run.step < 16
+    assert (tmp_path / "checkpoints" / str(run.step)).is_dir()  # saved although checkpoint.every = 100
+    rest = train.train_and_evaluate(c, tmp_path, resume=True, progress=False)
+    assert rest.step == 16 and rest.history[0]["step"] == run.step + 1
+
+
+@pytest.mark.slow
+def test_eight_device_mesh_matches_one_device(tmp_path):
+    """data=4 x fsdp=2 with the UNet's frozen weights FSDP-sharded vs a single device: same losses."""
+    assert jax.device_count() == 8
+    one = train.train_and_evaluate(tiny_config(**{"train.steps": 2, "train.batch_size": 8, "mesh.num_devices": 1,
+                                                  "mesh.shape": {"data": 1, "fsdp": 1}}), tmp_path / "one", progress=False)
+    c8 = tiny_config(**{"train.steps": 2, "train.batch_size": 8, "mesh.num_devices": 8,
+                      "mesh.shape": {"data": 4, "fsdp": 2}})
+    c8.mesh.rules = (("unet/.*", "fsdp"), (".*", "replicate"))
+    eight = train.train_and_evaluate(c8, tmp_path / "eight", progress=False)
+    for a, b in zip(one.history, eight.history):
+        for k in ("loss/total", "loss/base", "loss/reg", "reg/norm_mean", "reg/ema_a", "grad_norm"):
+            np.testing.assert_allclose(b[k], a[k], rtol=2e-4, err_msg=k)
+    la = export.read_any(tmp_path / "one" / "lora_final_peft.safetensors")
+    lb = export.read_any(tmp_path / "eight" / "lora_final_peft.safetensors")
+    for x, y in zip(_leaves(la.lora), _leaves(lb.lora)):
+        np.testing.assert_allclose(y, x, rtol=1e-3, atol=1e-6)
