@@ -2,12 +2,22 @@
 # Set up smooth-jax in a virtual environment at ./.venv (idempotent; re-running is fast).
 #   bash launch/install.sh             runtime + the PyTorch extra (diffusers' PyTorch side, peft, pytest)
 #   bash launch/install.sh --no-torch  runtime only
+#   bash launch/install.sh --cuda      + jax's CUDA 12 plugin (GPU nodes)
+#   bash launch/install.sh --tpu       + libtpu (TPU VMs)
 # Python 3.10+ is needed; PYTHON overrides the interpreter (default python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 EXTRA="[test]"
-[ "${1:-}" = "--no-torch" ] && EXTRA=""
+ACCEL=""
+for arg in "$@"; do
+  case "$arg" in
+    --no-torch) EXTRA="" ;;
+    --cuda) ACCEL="jax[cuda12]==0.10.2" ;;
+    --tpu) ACCEL="jax[tpu]==0.10.2" ;;
+    *) echo "install.sh: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
 
 # Some machines configure local package mirrors that pip reports as "Location ... is ignored"
 # on every package; drop that noise but keep pip's exit status.
@@ -18,4 +28,5 @@ pip_install -e ".${EXTRA}"
 # The real CLIP BPE vocabulary (for the offline SD tokenizer) ships in clip-anytorch. Only its
 # data file is used; --no-deps keeps its torch/torchvision requirements out.
 pip_install --no-deps clip-anytorch==2.6.0
+[ -z "$ACCEL" ] || pip_install "$ACCEL"
 .venv/bin/python -c "import smooth_jax, jax, flax, diffusers; print('smooth-jax', smooth_jax.__version__, '| jax', jax.__version__, '| flax', flax.__version__, '| diffusers', diffusers.__version__)"

@@ -216,3 +216,35 @@ def test_eight_device_mesh_matches_one_device(tmp_path):
     lb = export.read_any(tmp_path / "eight" / "lora_final_peft.safetensors")
     for x, y in zip(_leaves(la.lora), _leaves(lb.lora)):
         np.testing.assert_allclose(y, x, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_of_four_devices_match_one_process(tmp_path):
+    """A real multi-host run: 2 processes x 4 CPU devices joined by jax.distributed on localhost
+    (launch/multiprocess.py), against one process with the same 8-device mesh. With
+    data.host_slicing both see the same global batches, so losses and the LoRA must agree."""
+    import subprocess
+    import sys
+
+    fields = {"train.steps": 2, "train.batch_size": 8, "data.host_slicing": True,
+              "mesh.shape": {"data": 4, "fsdp": 2}, "mesh.num_devices": 0}
+    single = train.train_and_evaluate(tiny_config(**fields), tmp_path / "single", progress=False)
+    # The same settings as tiny_config(**fields), as a user would pass them on the command line.
+    cli_fields = {"checkpoint.every": 2, "log.sample_every": 0, "log.every": 1, "export.formats": ("peft",), **fields}
+    overrides = [f"--config.{k}={v}" for k, v in cli_fields.items()]
+    cmd = [sys.executable, str(ROOT / "launch" / "multiprocess.py"), "--processes", "2", "--devices-per-process", "4",
+           "--", "train", "--config", str(ROOT / "configs" / "tiny.py"), "--workdir", str(tmp_path / "multi"),
+           "--no-progress", *overrides]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "[p0]" in proc.stdout and "[p1]" in proc.stdout
+    multi = [json.loads(line) for line in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in multi] == [1, 2]
+    for a, b in zip(single.history, multi):
+        for k in ("loss/total", "loss/base", "loss/reg", "reg/norm_mean", "reg/ema_a", "grad_norm"):
+            np.testing.assert_allclose(b[k], a[k], rtol=2e-4, err_msg=k)
+    la = export.read_any(tmp_path / "single" / "lora_final_peft.safetensors")
+    lb = export.read_any(tmp_path / "multi" / "lora_final_peft.safetensors")
+    for x, y in zip(_leaves(la.lora), _leaves(lb.lora)):
+        np.testing.assert_allclose(y, x, rtol=1e-3, atol=1e-6)
