@@ -59,6 +59,15 @@ def cmd_train(args, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_cache(args, overrides: list[str]) -> int:
+    from smooth_jax import config_loader, train
+
+    config = config_loader.apply_overrides(config_loader.load_config(args.config), overrides)
+    n = train.build_cache(config, args.out, batch_size=args.batch_size)
+    print(f"cached {n} records in {args.out}; train from it with --config.data.cache_dir={args.out}")
+    return 0
+
+
 def _checkpoint_lora(path: str):
     from smooth_jax import checkpoint, export
 
@@ -147,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stop-after", type=int, default=None, help="stop (with a checkpoint) after this many steps")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(fn=cmd_train, takes_overrides=True)
+
+    k = sub.add_parser("cache", help="encode a dataset once (VAE latents + text embeddings) for faster training",
+                       description="Encode the config's dataset with the model's VAE (posterior mean, centre crop) "
+                                   "and text encoder, once. Then train with --config.data.cache_dir=OUT.")
+    k.add_argument("--config", required=True)
+    k.add_argument("--out", required=True, help="cache folder to create")
+    k.add_argument("--batch-size", type=int, default=16)
+    k.set_defaults(fn=cmd_cache, takes_overrides=True)
 
     i = sub.add_parser("init-lora", help="a fresh LoRA for a model (down ~ N(0, 1/r^2), up = 0)")
     i.add_argument("--model", default="tiny", help="preset (tiny, sd15), diffusers folder or hub id")

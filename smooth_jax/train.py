@@ -396,6 +396,24 @@ class _HostSlice:
         self.inner.start_prefetch()
 
 
+def build_cache(config, out: str | Path, batch_size: int = 16) -> int:
+    """Encode the configured dataset once (VAE posterior mean x scaling, text-encoder states) into a
+    cache folder that ``data.cache_dir`` then trains from. Crops are centred: a cache freezes them."""
+    from smooth_jax import data as data_lib
+
+    sd = load_model(config)
+    data_cfg = ml_collections.ConfigDict(config.data.to_dict())
+    data_cfg.center_crop = True
+    data_cfg.cache_dir = ""
+    encode = jax.jit(lambda vae, text, images, ids: (sd.encode_images(vae, images), sd.encode_text(text, ids)))
+
+    def encode_fn(images, input_ids):
+        return encode(sd.params["vae"], sd.params["text_encoder"], images, input_ids)
+
+    batches = data_lib.make_single_pass_iterator(data_cfg, sd.tokenizer, batch_size=batch_size, seed=config.seed)
+    return data_lib.cache_encodings(batches, encode_fn, out)
+
+
 def _export_final(state: TrainState, config, workdir: Path) -> list[Path]:
     tree = jax.tree_util.tree_map(np.asarray, jax.device_get(state.lora))
     lf = export.LoraFile(lora=tree, alpha=float(config.lora.alpha), targets=tuple(config.lora.targets), base_model=str(config.model))
