@@ -24,7 +24,6 @@ import json
 import math
 import os
 import re
-import secrets
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -34,6 +33,7 @@ from safetensors import numpy as st_numpy
 
 from smooth_jax import __version__
 from smooth_jax import lora as lora_lib
+from smooth_jax.fileio import atomic_write
 from smooth_jax.models import naming
 
 FORMATS: tuple[str, ...] = ("peft", "legacy", "kohya")
@@ -229,25 +229,8 @@ def save(path: str | os.PathLike, lf: LoraFile, fmt: str = "peft") -> Path:
     """
     path = Path(path)
     tensors, metadata = to_state_dict(lf, fmt)
-    _atomic_write(path, st_numpy.save(tensors, metadata=metadata))
+    atomic_write(path, st_numpy.save(tensors, metadata=metadata))
     return path
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Same folder as the target, so os.replace is a rename on one filesystem. os.open with 0o666
-    # lets the umask set the final permissions (mkstemp would leave the file 0600).
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -642,7 +625,7 @@ def save_native(path: str | os.PathLike, lf: LoraFile) -> Path:
         "base_model": lf.base_model,
         "version": __version__,
     }
-    _atomic_write(path, serialization.msgpack_serialize(payload))
+    atomic_write(path, serialization.msgpack_serialize(payload))
     return path
 
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import io
 import os
-import secrets
 from pathlib import Path
 
 import numpy as np
+
+from smooth_jax.fileio import atomic_write
 
 
 def to_uint8(images) -> np.ndarray:
@@ -83,26 +84,3 @@ def save_gif(frames, path: str | os.PathLike, duration_ms: int = 100, loop: int 
     path = Path(path)
     atomic_write(path, buf.getvalue())
     return path
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that it appears complete or not at all.
-
-    The bytes go to a hidden temp file in the same folder (so ``os.replace`` is a rename on one
-    filesystem), are fsynced, then renamed over ``path``; on any error the temp file is removed.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
-    # 0o666 lets the umask choose the final permissions (mkstemp would leave 0600).
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
