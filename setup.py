@@ -22,7 +22,7 @@ setup(
     extras_require={
         # PyTorch-side checks: diffusers' PyTorch pipeline and peft judge our LoRA files.
         "torch": ["torch==2.13.0", "peft==0.21.2"],
-        "test": ["torch==2.13.0", "peft==0.21.2", "pytest", "pytest-xdist"],
+        "test": _requirements("requirements-dev.txt"),  # torch, peft, pytest, scikit-image (SSIM reference)
     },
     entry_points={"console_scripts": ["smooth-jax=smooth_jax.cli:main"]},
 )

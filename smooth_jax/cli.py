@@ -17,6 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
+
 FORMATS = ("peft", "legacy", "kohya")
 
 
@@ -65,6 +67,51 @@ def cmd_cache(args, overrides: list[str]) -> int:
     config = config_loader.apply_overrides(config_loader.load_config(args.config), overrides)
     n = train.build_cache(config, args.out, batch_size=args.batch_size)
     print(f"cached {n} records in {args.out}; train from it with --config.data.cache_dir={args.out}")
+    return 0
+
+
+def _generators(args):
+    """The base model (unless --no-base) and one Generator per --lora, for sample/interpolate."""
+    from smooth_jax.generation import Generator, load_lora_file
+    from smooth_jax.models import load
+
+    sd = load(args.model)
+    gens = [] if (args.lora and args.no_base) else [("base", Generator(sd, None, num_steps=args.steps, guidance_scale=args.guidance))]
+    for path in args.lora or []:
+        lf = load_lora_file(path, sd.params["unet"])
+        gens.append((Path(path).stem, Generator(sd, lf, num_steps=args.steps, guidance_scale=args.guidance)))
+    return gens
+
+
+def cmd_sample(args) -> int:
+    from smooth_jax import images
+
+    seeds = list(range(args.seed, args.seed + args.num))
+    rows, gens = [], _generators(args)
+    for name, gen in gens:
+        ctx, unc = gen.text([args.prompt] * len(seeds), args.negative_prompt)
+        rows.append(gen.render(gen.noise(seeds), ctx, unc))
+        print(f"{name}: {len(seeds)} images, seeds {seeds[0]}..{seeds[-1]}")
+    out = images.save_grid(np.concatenate(rows), args.out, nrow=len(seeds))
+    print(f"wrote {out} (one row per model: {', '.join(n for n, _ in gens)})")
+    return 0
+
+
+def cmd_interpolate(args) -> int:
+    from smooth_jax import images
+
+    rows, gens = [], _generators(args)
+    for name, gen in gens:
+        frames = gen.interpolation(args.prompt, args.prompt2 or args.prompt, args.seed, args.seed2, args.frames,
+                                   args.negative_prompt)
+        rows.append(frames)
+        if args.gif:
+            gif = Path(args.gif)
+            path = gif if len(rows) == 1 and not args.lora else gif.with_name(f"{gif.stem}_{name}{gif.suffix}")
+            images.save_gif(np.concatenate([frames, frames[-2:0:-1]]), path, duration_ms=args.frame_ms)  # loops back
+            print(f"wrote {path}")
+    out = images.save_grid(np.concatenate(rows), args.out, nrow=args.frames)
+    print(f"wrote {out}: {args.frames} frames per row, rows: {', '.join(n for n, _ in gens)}")
     return 0
 
 
@@ -164,6 +211,32 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--out", required=True, help="cache folder to create")
     k.add_argument("--batch-size", type=int, default=16)
     k.set_defaults(fn=cmd_cache, takes_overrides=True)
+
+    def add_generation_args(q):
+        q.add_argument("--model", default="tiny", help="preset, diffusers folder or hub id")
+        q.add_argument("--lora", action="append", help="LoRA file in any format (peft, legacy, kohya, .msgpack); "
+                                                       "repeat to compare several; each gets a row")
+        q.add_argument("--no-base", action="store_true", help="with --lora: leave out the base model's row")
+        q.add_argument("--prompt", required=True)
+        q.add_argument("--negative-prompt", default="")
+        q.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+        q.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (default 7.5)")
+        q.add_argument("--seed", type=int, default=0)
+        q.add_argument("--out", required=True, help="PNG grid")
+
+    q = sub.add_parser("sample", help="text-to-image with DDIM + CFG, base model and/or LoRAs")
+    add_generation_args(q)
+    q.add_argument("--num", type=int, default=4, help="images per model (seeds SEED..SEED+NUM-1)")
+    q.set_defaults(fn=cmd_sample)
+
+    q = sub.add_parser("interpolate", help="slerp between two noises (and prompts): a PNG strip, optionally a GIF")
+    add_generation_args(q)
+    q.add_argument("--prompt2", default=None, help="end prompt (default: the same prompt)")
+    q.add_argument("--seed2", type=int, default=1)
+    q.add_argument("--frames", type=int, default=11, help="frames including both ends (11 as ISTD)")
+    q.add_argument("--gif", default=None, help="also write an animated GIF (there and back)")
+    q.add_argument("--frame-ms", type=int, default=120)
+    q.set_defaults(fn=cmd_interpolate)
 
     i = sub.add_parser("init-lora", help="a fresh LoRA for a model (down ~ N(0, 1/r^2), up = 0)")
     i.add_argument("--model", default="tiny", help="preset (tiny, sd15), diffusers folder or hub id")

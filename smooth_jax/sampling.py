@@ -126,13 +126,13 @@ def make_sampler(sd, *, num_steps: int = 50, guidance_scale: float = 7.5) -> Sam
             uncond_context = jnp.asarray(uncond_context, context.dtype)
             if uncond_context.shape != context.shape:
                 raise ValueError(f"uncond_context {uncond_context.shape} and context {context.shape} differ in shape.")
-            ctx = _interleave(uncond_context, context)
+            ctx = interleave(uncond_context, context)
         else:
             ctx = context
 
         def step(x, per_step):
             t, a_t, a_prev = per_step
-            x_in = _interleave(x, x) if guided else x
+            x_in = interleave(x, x) if guided else x
             t_in = jnp.full((x_in.shape[0],), t)
             eps = sd.unet_apply(unet_params, x_in.astype(sd.dtype), t_in, ctx).astype(jnp.float32)
             if guided:
@@ -147,7 +147,7 @@ def make_sampler(sd, *, num_steps: int = 50, guidance_scale: float = 7.5) -> Sam
     return sample
 
 
-def _interleave(a: jax.Array, b: jax.Array) -> jax.Array:
+def interleave(a: jax.Array, b: jax.Array) -> jax.Array:
     """``[B, ...]`` x2 -> ``[2B, ...]`` ordered a_0, b_0, a_1, b_1, ... (keeps pairs on one shard)."""
     return jnp.stack([a, b], axis=1).reshape((2 * a.shape[0],) + a.shape[1:])
 

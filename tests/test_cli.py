@@ -70,3 +70,25 @@ def test_demo_runs_end_to_end(tmp_path):
     for fmt in export.FORMATS:
         assert export.read_any(tmp_path / f"lora_{fmt}.safetensors").format == fmt
     assert "diffusers PyTorch" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_train_command_on_the_tiny_config(tmp_path):
+    """`smooth-jax train --config configs/tiny.py` as a user runs it (shortened): checkpoints,
+    TensorBoard events, per-step metrics, sample grids and the final LoRA in every format."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    work = tmp_path / "run"
+    assert cli.main(["train", "--config", str(root / "configs" / "tiny.py"), "--workdir", str(work),
+                     "--config.train.steps=4", "--config.checkpoint.every=2", "--config.log.sample_every=2",
+                     "--config.mesh.num_devices=1", "--no-progress"]) == 0
+    assert sorted(p.name for p in (work / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
+    assert list((work / "tensorboard").glob("events.out.tfevents.*"))
+    assert sorted(p.name for p in (work / "samples").glob("*.png")) == ["step_0000002.png", "step_0000004.png"]
+    metrics = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert {"loss/base", "loss/reg", "reg/norm_mean", "reg/norm_std", "reg/ema_a", "lr", "grad_norm"} <= set(metrics[0])
+    for fmt in export.FORMATS:
+        lf = export.read_any(work / f"lora_final_{fmt}.safetensors")
+        assert lf.format == fmt and lf.base_model == "tiny"

@@ -164,19 +164,27 @@ def test_run_writes_checkpoints_tensorboard_and_final_lora(uninterrupted, tiny_s
         assert np.array_equal(a, b)
 
 
-def test_resume_continues_exactly(uninterrupted, tmp_path):
+def test_resume_continues_exactly(uninterrupted, tmp_path, capsys):
     """Stopped after 2 steps and resumed: the same losses for steps 3-4 and the same final LoRA."""
     c, full = uninterrupted
     first = train.train_and_evaluate(c, tmp_path, stop_after=2, progress=False)
     assert first.step == 2 and first.stopped_early
     assert not (tmp_path / "lora_final_peft.safetensors").exists()
+    capsys.readouterr()
     second = train.train_and_evaluate(c, tmp_path, resume=True, progress=False)
+    assert "Resuming from" in capsys.readouterr().out
     assert second.step == 4 and [h["step"] for h in second.history] == [3, 4]
     for got, want in zip(first.history + second.history, full.history):
         assert got == want
     a = export.read_any(tmp_path / "lora_final_peft.safetensors")
     b = export.read_any(full.workdir / "lora_final_peft.safetensors")
     assert all(np.array_equal(x, y) for x, y in zip(_leaves(a.lora), _leaves(b.lora)))
+
+
+def test_keep_last_n_checkpoints(tmp_path):
+    run = train.train_and_evaluate(tiny_config(**{"checkpoint.keep": 1, "checkpoint.every": 1}), tmp_path, progress=False)
+    assert run.step == 4
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["4"]
 
 
 def test_resume_flag_without_checkpoint_is_an_error(tmp_path):
@@ -249,6 +257,13 @@ def test_two_processes_of_four_devices_match_one_process(tmp_path):
     multi = [json.loads(line) for line in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in multi] == [1, 2]
     _assert_same_training(single.history, multi, tmp_path / "single", tmp_path / "multi")
+    # A multi-host checkpoint exports from one process, without the base model.
+    from smooth_jax import cli
+
+    out = tmp_path / "from_ckpt.safetensors"
+    assert cli.main(["export", "--checkpoint", str(tmp_path / "multi"), "--out", str(out), "--format", "kohya"]) == 0
+    final = export.read_any(tmp_path / "multi" / "lora_final_peft.safetensors")
+    assert all(np.array_equal(x, y) for x, y in zip(_leaves(export.read_any(out).lora), _leaves(final.lora)))
 
 
 def test_cached_encodings_train_like_images(tiny_sd, tmp_path):
