@@ -86,13 +86,19 @@ def _generators(args):
 def cmd_sample(args) -> int:
     from smooth_jax import images
 
-    seeds = list(range(args.seed, args.seed + args.num))
     rows, gens = [], _generators(args)
+    seeds = list(range(args.seed, args.seed + args.num))
+    noise = None
+    if args.noise:
+        noise = np.load(args.noise).astype(np.float32)
+        if noise.ndim != 4 or noise.shape[1:] != gens[0][1].latent_shape:
+            raise ValueError(f"--noise {args.noise}: shape {noise.shape}, expected [N, *{gens[0][1].latent_shape}].")
     for name, gen in gens:
-        ctx, unc = gen.text([args.prompt] * len(seeds), args.negative_prompt)
-        rows.append(gen.render(gen.noise(seeds), ctx, unc))
-        print(f"{name}: {len(seeds)} images, seeds {seeds[0]}..{seeds[-1]}")
-    out = images.save_grid(np.concatenate(rows), args.out, nrow=len(seeds))
+        x_T = gen.noise(seeds) if noise is None else noise
+        ctx, unc = gen.text([args.prompt] * len(x_T), args.negative_prompt)
+        rows.append(gen.render(x_T, ctx, unc))
+        print(f"{name}: {len(x_T)} images " + (f"from {args.noise}" if noise is not None else f"seeds {seeds[0]}..{seeds[-1]}"))
+    out = images.save_grid(np.concatenate(rows), args.out, nrow=len(rows[0]))
     print(f"wrote {out} (one row per model: {', '.join(n for n, _ in gens)})")
     return 0
 
@@ -227,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("sample", help="text-to-image with DDIM + CFG, base model and/or LoRAs")
     add_generation_args(q)
     q.add_argument("--num", type=int, default=4, help="images per model (seeds SEED..SEED+NUM-1)")
+    q.add_argument("--noise", default=None, help="a .npy of initial latents x_T [N,4,h,w] to use instead of seeds")
     q.set_defaults(fn=cmd_sample)
 
     q = sub.add_parser("interpolate", help="slerp between two noises (and prompts): a PNG strip, optionally a GIF")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from smooth_jax import cli, export, lora, sampling
+from smooth_jax import cli, export, images, lora, sampling
 from smooth_jax.generation import Generator
 
 STEPS = 5
@@ -55,3 +55,17 @@ def test_sample_and_interpolate_commands_with_a_lora(tmp_path, tiny_sd):
     gif = Image.open(tmp_path / "i_smooth.gif")
     assert gif.n_frames == 6  # there and back, ends not repeated
     assert (tmp_path / "i_base.gif").exists()
+
+
+def test_sample_command_takes_per_sample_noise(tmp_path, gen):
+    noise = gen.noise([11, 12])
+    np.save(tmp_path / "x_T.npy", noise)
+    assert cli.main(["sample", "--model", "tiny", "--prompt", "a handwritten digit one", "--steps", str(STEPS),
+                     "--guidance", "3", "--noise", str(tmp_path / "x_T.npy"), "--out", str(tmp_path / "n.png")]) == 0
+    ctx, unc = gen.text(["a handwritten digit one"] * 2)
+    tiles = images.to_uint8(gen.render(noise, ctx, unc))  # [2, H, W, 3]
+    want = np.concatenate(list(tiles), axis=1)  # the grid: one row of two
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "n.png")), want)
+    np.save(tmp_path / "bad.npy", noise[:, :2])
+    assert cli.main(["sample", "--model", "tiny", "--prompt", "x", "--noise", str(tmp_path / "bad.npy"),
+                     "--out", str(tmp_path / "b.png")]) == 2
