@@ -13,6 +13,7 @@ A checkpoint written by a multi-host run is read by a single process too (``rest
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,7 @@ def resolve(path: str | Path) -> tuple[Path, int]:
     path = Path(path).absolute()
     if path.name.isdigit() and path.is_dir():
         return path.parent, int(path.name)
-    folder = path if (path / CKPT_DIR).is_dir() is False and path.name == CKPT_DIR else path / CKPT_DIR
+    folder = path if path.name == CKPT_DIR else path / CKPT_DIR
     if not folder.is_dir():
         raise FileNotFoundError(f"No checkpoints under {str(path)!r} (looked for {str(folder)!r}).")
     steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / "lora").exists())
@@ -101,6 +102,9 @@ def restore_lora(path: str | Path) -> tuple[dict, dict, int]:
         with ocp.CheckpointManager(folder) as mngr:
             config = mngr.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     checkpointer = ocp.PyTreeCheckpointer()
+    # Reading one item of a step directly: orbax warns that the step-level metadata is not in
+    # the item's folder, which is expected here.
+    logging.getLogger("absl").setLevel(logging.ERROR)
     meta = checkpointer.metadata(step_dir / "lora")
     tree_meta = meta.item_metadata if hasattr(meta, "item_metadata") else meta
     restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree_meta.tree if hasattr(tree_meta, "tree") else tree_meta)
