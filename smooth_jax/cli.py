@@ -287,6 +287,10 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("info", help="print a LoRA file's format, rank, alpha and size")
     f.add_argument("source")
     f.set_defaults(fn=cmd_info)
+
+    from smooth_jax import image_commands
+
+    image_commands.register(sub)  # invert, edit, interpolate-images
     return p
 
 

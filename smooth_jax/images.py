@@ -84,3 +84,28 @@ def save_gif(frames, path: str | os.PathLike, duration_ms: int = 100, loop: int 
     path = Path(path)
     atomic_write(path, buf.getvalue())
     return path
+
+
+def load_image(path: str | os.PathLike, size: int) -> np.ndarray:
+    """An image file -> float32 ``[3, size, size]`` in [-1, 1], the model's input.
+
+    Preprocessed as the training data (``data.transforms``, the authors' torchvision chain with a
+    centre crop): any PIL mode to RGB (EXIF rotation applied, 16-bit grey scaled), shorter side
+    resized to ``size`` (PIL bilinear), centre-cropped to ``size`` x ``size``, ``x / 127.5 - 1``.
+    Raises FileNotFoundError for a missing file and ValueError naming ``path`` for an unreadable one.
+    """
+    from smooth_jax.data import sources, transforms
+
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder, not an image file" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"image {str(path)!r} {what}.")
+    if size < 1:
+        raise ValueError(f"image size must be >= 1, got {size}.")
+    try:
+        rgb = sources.decode_image(str(path), str(path))
+    except sources.BadRecordError as e:
+        raise ValueError(f"image {str(path)!r}: {e.reason}.") from None
+    rgb = transforms.resize_shorter_side(rgb, size)
+    top, left = transforms.center_crop_offsets(rgb.shape[0], rgb.shape[1], size)
+    return transforms.to_model_image(transforms.crop(rgb, top, left, size))
