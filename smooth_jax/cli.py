@@ -288,9 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("source")
     f.set_defaults(fn=cmd_info)
 
-    from smooth_jax import image_commands
+    from smooth_jax import evaluation, image_commands
 
     image_commands.register(sub)  # invert, edit, interpolate-images
+    evaluation.register(sub)  # eval istd | reconstruct | edit
     return p
 
 
