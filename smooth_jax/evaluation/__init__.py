@@ -30,7 +30,10 @@ def register(subparsers) -> argparse.ArgumentParser:
                                           "results.json, results.md and PNG grids to --out (resumable).")
     sub = p.add_subparsers(dest="eval_command", required=True)
     for module in (istd, reconstruct, edit):
-        module.add_parser(sub)
+        q = sub.add_parser(module.RUN, help=module.HELP, description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(q)
+        q.set_defaults(fn=module.command)
     return p
 
 

@@ -35,6 +35,7 @@ from smooth_jax.evaluation import inputs, report
 from smooth_jax.evaluation.reconstruct import ARROWS, PAIR_METRICS, pair_metrics, summarize_pairs
 
 RUN = "edit"
+HELP = "NTI + prompt-switch editing of real images, several models"
 METRICS = ("clip", "lpips")
 
 
@@ -346,14 +347,6 @@ def config_from_args(args) -> dict:
 def command(args) -> int:
     run(config_from_args(args), args.out, progress=not args.no_progress, stop_after=args.stop_after)
     return 0
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("edit", help="NTI + prompt-switch editing of real images, several models",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(fn=command)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ import numpy as np
 from smooth_jax.evaluation import inputs, report
 
 RUN = "istd"
+HELP = "ISTD (+ FID, CLIP score) of interpolation strips, several models"
 METRICS = ("clip", "fid")
 
 
@@ -355,14 +356,6 @@ def config_from_args(args) -> dict:
 def command(args) -> int:
     run(config_from_args(args), args.out, progress=not args.no_progress, stop_after=args.stop_after)
     return 0
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("istd", help="ISTD (+ FID, CLIP score) of interpolation strips, several models",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(fn=command)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

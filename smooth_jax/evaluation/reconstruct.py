@@ -32,6 +32,7 @@ import numpy as np
 from smooth_jax.evaluation import inputs, report
 
 RUN = "reconstruct"
+HELP = "DDIM-inversion / NTI reconstruction fidelity, several models"
 METRICS = ("lpips",)
 VAE = "vae-only"
 PAIR_METRICS = ("mse", "psnr", "ssim", "lpips")
@@ -321,14 +322,6 @@ def config_from_args(args) -> dict:
 def command(args) -> int:
     run(config_from_args(args), args.out, progress=not args.no_progress, stop_after=args.stop_after)
     return 0
-
-
-def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("reconstruct", help="DDIM-inversion / NTI reconstruction fidelity, several models",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    p.set_defaults(fn=command)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
