@@ -233,3 +233,17 @@ def test_missing_bpe_file_error(tmp_path, monkeypatch):
     msg = str(err.value)
     assert "pip install --no-deps clip-anytorch==2.6.0" in msg and "tokenizer/" in msg
     assert not (tmp_path / "clip_tokenizer").exists()
+
+
+def test_saved_fast_tokenizer_file_gives_the_same_ids(tmp_path, monkeypatch, fast):
+    """The first offline load keeps transformers' converted tokenizer.json; loads from it must
+    tokenize exactly as the tokenizer converted from vocab.json/merges.txt (``fast``: loaded by
+    path, so converted; the pure-Python BPE test checks it)."""
+    monkeypatch.setenv("SMOOTH_JAX_CACHE", str(tmp_path))
+    first = tk.load_clip_tokenizer()
+    assert (tmp_path / "clip_tokenizer" / "tokenizer.json").exists()
+    second = tk.load_clip_tokenizer()
+    for prompts in (PROMPTS, ["a photo of a cat", "x" * 400]):
+        ids = tk.tokenize(fast, prompts)
+        np.testing.assert_array_equal(tk.tokenize(first, prompts), ids)
+        np.testing.assert_array_equal(tk.tokenize(second, prompts), ids)

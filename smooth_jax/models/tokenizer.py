@@ -174,6 +174,14 @@ def load_clip_tokenizer(path: str | os.PathLike | None = None):
 
     if path is None:
         folder = clip_tokenizer_dir()
+        if not (folder / "tokenizer.json").exists():
+            # transformers converts vocab.json/merges.txt to its fast format on every load (~3 s);
+            # keep the converted file so later loads (every CLI command) skip that.
+            tok = CLIPTokenizerFast.from_pretrained(str(folder), local_files_only=True)
+            tmp = folder / f".tokenizer.json.{os.getpid()}.tmp"
+            tok.backend_tokenizer.save(str(tmp))
+            os.replace(tmp, folder / "tokenizer.json")
+            return tok
     else:
         folder = Path(path).expanduser()
         if (folder / "tokenizer").is_dir():
