@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import secrets
 from pathlib import Path
@@ -27,3 +28,19 @@ def atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (recorded so a changed file is noticed)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def source_id(source: str) -> str:
+    """How an input is recorded: an existing file or folder as its absolute path (so a rerun from
+    elsewhere matches), anything else (a preset, a hub id) as given."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source

@@ -23,6 +23,13 @@ def load_lora_file(path: str, unet_params: Any) -> export.LoraFile:
     return lf
 
 
+def merged_unet(unet_params: Any, lora_file: export.LoraFile | None) -> Any:
+    """UNet params with the LoRA folded in once (jitted ``lora.merge``); the base params for None."""
+    if lora_file is None:
+        return unet_params
+    return jax.jit(lora.merge, static_argnums=2)(unet_params, lora_file.lora, lora_file.scale)
+
+
 class Generator:
     """sd: a loaded StableDiffusion; lora_file: an ``export.LoraFile`` or None (the base model)."""
 
@@ -31,9 +38,8 @@ class Generator:
         self.sd = sd
         self.lora = lora_file
         self.num_steps, self.guidance_scale = int(num_steps), float(guidance_scale)
-        unet = sd.params["unet"]
         # Merged once, outside the sampler: every render reuses the merged kernels.
-        self.unet_params = unet if lora_file is None else jax.jit(lora.merge, static_argnums=2)(unet, lora_file.lora, lora_file.scale)
+        self.unet_params = merged_unet(sd.params["unet"], lora_file)
         self.mesh = sharding.make_mesh({"data": -1, "fsdp": 1})
         sampler = sampling.make_sampler(sd, num_steps=self.num_steps, guidance_scale=self.guidance_scale)
 

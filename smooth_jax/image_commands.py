@@ -42,6 +42,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from smooth_jax.fileio import file_sha256, source_id
+
 INVERSION_FORMAT = "smooth-jax inversion v1"
 EDIT_RATIOS = (0.6, 0.7, 0.8, 0.9)  # the paper's editing ratios (DESIGN §2)
 METRICS_SCALE = ("images clipped to [-1,1] and mapped to [0,1]; mse: mean over C*H*W; psnr: dB, data range 1; "
@@ -75,31 +77,14 @@ def load_model(source: str):
     return models.load(source)
 
 
-def model_id(source: str) -> str:
-    """How a model source is recorded: an existing folder as its absolute path, else as given."""
-    path = Path(source).expanduser()
-    return str(path.resolve()) if path.exists() else source
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def with_lora(sd, lora_path: str | None, name: str | None = None) -> Model:
     """The base model (``lora_path`` None) or the base with the LoRA file (any format) merged once."""
     if not lora_path:
         return Model(sd, sd.params["unet"])
-    import jax
-
-    from smooth_jax import lora
-    from smooth_jax.generation import load_lora_file
+    from smooth_jax.generation import load_lora_file, merged_unet
 
     lf = load_lora_file(lora_path, sd.params["unet"])
-    unet = jax.jit(lora.merge, static_argnums=2)(sd.params["unet"], lf.lora, lf.scale)
+    unet = merged_unet(sd.params["unet"], lf)
     return Model(sd, unet, name or Path(lora_path).stem, str(lora_path), file_sha256(lora_path))
 
 
@@ -275,7 +260,7 @@ def cmd_invert(args) -> int:
         return {k: _finite(v) for k, v in m.items()}
 
     report = {
-        "image": str(args.image), "prompt": args.prompt, "model": model_id(args.model), "lora": model.lora,
+        "image": str(args.image), "prompt": args.prompt, "model": source_id(args.model), "lora": model.lora,
         "method": args.method, "steps": steps, "guidance": g, "image_size": size,
         "columns": columns, "scale": METRICS_SCALE,
         "vs_input": {"vae": rounded(fidelity(vae_only, image)),
@@ -290,7 +275,7 @@ def cmd_invert(args) -> int:
     _write_json(out / "metrics.json", report)
     npz = save_inversion(
         out / "inversion.npz", x_T=x_T, nulls=None if nti_result is None else nti_result.nulls, method=args.method,
-        prompt=args.prompt, model=model_id(args.model), lora=model.lora, lora_sha256=model.lora_sha256,
+        prompt=args.prompt, model=source_id(args.model), lora=model.lora, lora_sha256=model.lora_sha256,
         image=str(args.image), image_sha256=_image_sha256(image), image_size=size, steps=steps, guidance=g,
         inner_steps=args.inner_steps if nti else 0,
     )
@@ -336,7 +321,7 @@ def cmd_edit(args) -> int:
                              "null embeddings; editing needs `smooth-jax invert --method nti`.")
         check_inversion(saved, args.inversion, {
             "image_sha256": _image_sha256(image), "image_size": size, "prompt": args.source_prompt,
-            "model": model_id(args.model), "lora_sha256": model.lora_sha256, "steps": steps, "guidance": g,
+            "model": source_id(args.model), "lora_sha256": model.lora_sha256, "steps": steps, "guidance": g,
         })
         x_T, nulls = saved["x_T"], saved["nulls"]
         print(f"reusing the inversion in {args.inversion}")

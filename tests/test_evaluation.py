@@ -12,6 +12,7 @@ functions of the pixels) that test the plumbing; the real networks are tested in
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import subprocess
 import sys
@@ -176,7 +177,7 @@ def test_istd_results_files(istd_run):
     saved = json.loads((out / "results.json").read_text())
     cfg = saved["config"]
     assert [m["name"] for m in cfg["models"]] == ["base", "zero", "rand"]
-    assert cfg["models"][1]["sha256"] == report.file_sha256(cfg["models"][1]["lora"])
+    assert cfg["models"][1]["sha256"] == hashlib.sha256(Path(cfg["models"][1]["lora"]).read_bytes()).hexdigest()
     assert (cfg["steps"], cfg["guidance"], cfg["frames"], cfg["num_prompts"], cfg["seed"]) == (STEPS, 7.5, FRAMES, 2, 3)
     assert "[0,1]" in saved["scale"] and "L2 norm over all C*H*W" in saved["scale"]
     assert saved["versions"]["jax"] == jax.__version__ and saved["skipped"] == {}

@@ -31,6 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
+from smooth_jax.fileio import file_sha256, source_id
 from smooth_jax.evaluation import inputs, report
 from smooth_jax.evaluation.reconstruct import ARROWS, PAIR_METRICS, pair_metrics, summarize_pairs
 
@@ -88,9 +89,9 @@ def resolve(config: dict) -> dict:
         raise ValueError("editing uses NTI, which needs --guidance > 1.")
     out = {"run": RUN, **inputs.resolve_common(c)}
     if c["edits_file"]:
-        path = inputs.absolute_if_exists(c["edits_file"])
+        path = source_id(c["edits_file"])
         edits = inputs.read_edits(path)
-        out["edits"] = {"file": path, "sha256": report.file_sha256(path)}
+        out["edits"] = {"file": path, "sha256": file_sha256(path)}
         n = min(int(c["num_images"]), len(edits))
     else:
         _check_template(c["target_template"], c["target_words"])
@@ -132,7 +133,9 @@ def run(config: dict, out: str, *, progress: bool = True, stop_after: int | None
         print(line)
     sd = inputs.load_model(cfg["model"])
     resolution = sd.default_image_size()
-    models = [(name, inputs.merged_unet(sd, lf)) for name, lf in inputs.load_loras(sd, cfg["models"])]
+    from smooth_jax.generation import merged_unet  # jax: imported when a run starts, not for --help
+
+    models = [(name, merged_unet(sd.params["unet"], lf)) for name, lf in inputs.load_loras(sd, cfg["models"])]
     resumed = rd.start()
     names = [n for n, _ in models]
     bsz, ratios = cfg["batch_images"], cfg["ratios"]

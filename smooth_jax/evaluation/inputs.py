@@ -15,7 +15,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from smooth_jax.evaluation.report import NAME_RE, file_sha256
+from smooth_jax.evaluation.report import NAME_RE
+from smooth_jax.fileio import file_sha256, source_id
 
 BASE = "base"
 RESERVED = ("vae-only",)  # row names the runs use themselves
@@ -29,13 +30,6 @@ def load_model(source: str):
     from smooth_jax.models import load
 
     return load(source)
-
-
-def absolute_if_exists(source: str) -> str:
-    """An existing file or folder as its absolute path (so a rerun from elsewhere matches), anything
-    else (a preset, a hub id) as given."""
-    p = Path(source).expanduser()
-    return str(p.resolve()) if p.exists() else source
 
 
 def parse_loras(loras: Sequence[str] | None, base: bool = True) -> list[dict]:
@@ -72,18 +66,6 @@ def load_loras(sd, models: Sequence[dict]) -> list[tuple[str, Any]]:
     from smooth_jax.generation import load_lora_file
 
     return [(m["name"], None if m["lora"] is None else load_lora_file(m["lora"], sd.params["unet"])) for m in models]
-
-
-def merged_unet(sd, lora_file) -> Any:
-    """UNet params with the LoRA merged in (as ``Generator`` does); the base params for None."""
-    import jax
-
-    from smooth_jax import lora
-
-    unet = sd.params["unet"]
-    if lora_file is None:
-        return unet
-    return jax.jit(lora.merge, static_argnums=2)(unet, lora_file.lora, lora_file.scale)
 
 
 # --- prompts ----------------------------------------------------------------------------------
@@ -336,7 +318,7 @@ def resolve_common(config: dict) -> dict:
     """The stored form of ``common_config``'s fields: model source made absolute, LoRAs named,
     resolved and hashed."""
     return {
-        "model": absolute_if_exists(config["model"]),
+        "model": source_id(config["model"]),
         "models": parse_loras(config["loras"], base=config["base"]),
         "steps": int(config["steps"]),
         "guidance": float(config["guidance"]),

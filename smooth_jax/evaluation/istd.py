@@ -25,6 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
+from smooth_jax.fileio import source_id
 from smooth_jax.evaluation import inputs, report
 
 RUN = "istd"
@@ -73,12 +74,12 @@ def resolve(config: dict) -> tuple[dict, list[str]]:
     if (c["prompts_file"] is None) == (c["tfds_captions"] is None):
         raise ValueError("give the prompts as --prompts FILE or --tfds-captions NAME (exactly one).")
     if c["prompts_file"]:
-        path = inputs.absolute_if_exists(c["prompts_file"])
+        path = source_id(c["prompts_file"])
         prompts = inputs.read_prompt_file(path)
         source = {"file": path}
         n = c["num_prompts"] or len(prompts)
     else:
-        data_dir = inputs.absolute_if_exists(c["data_dir"]) if c["data_dir"] else ""
+        data_dir = source_id(c["data_dir"]) if c["data_dir"] else ""
         source = {"tfds": c["tfds_captions"], "data_dir": data_dir,
                   "split": c["split"], "caption_key": c["caption_key"], "image_key": c["image_key"]}
         n = c["num_prompts"] or 500

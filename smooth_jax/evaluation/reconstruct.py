@@ -121,7 +121,9 @@ def run(config: dict, out: str, *, progress: bool = True, stop_after: int | None
         print(line)
     sd = inputs.load_model(cfg["model"])
     resolution = sd.default_image_size()
-    models = [(name, inputs.merged_unet(sd, lf)) for name, lf in inputs.load_loras(sd, cfg["models"])]
+    from smooth_jax.generation import merged_unet  # jax: imported when a run starts, not for --help
+
+    models = [(name, merged_unet(sd.params["unet"], lf)) for name, lf in inputs.load_loras(sd, cfg["models"])]
     resumed = rd.start()
     names = [n for n, _ in models]
     rows = method_rows(cfg["methods"], cfg["guidance"])

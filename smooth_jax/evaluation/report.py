@@ -44,14 +44,6 @@ class ConfigMismatchError(ValueError):
 # --- small helpers ----------------------------------------------------------------------------
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def text_sha256(items: Sequence[str]) -> str:
     """Hash of a list of strings (prompts, captions): detects an edited prompt file on resume."""
     return hashlib.sha256(json.dumps(list(items), ensure_ascii=False).encode()).hexdigest()
