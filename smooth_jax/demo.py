@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from smooth_jax import export, lora
 from smooth_jax.models import load
+from smooth_jax.models.tokenizer import tokenize
 
 
 def _unet_inputs(sd, batch: int = 2, seed: int = 0):
@@ -25,8 +26,7 @@ def _unet_inputs(sd, batch: int = 2, seed: int = 0):
     s = sd.configs["unet"]["sample_size"]
     latents = rng.standard_normal((batch, sd.latent_channels, s, s)).astype(np.float32)
     t = np.linspace(50, 950, batch).astype(np.int32)
-    ids = np.stack([np.asarray(sd.tokenizer("a handwritten digit seven", padding="max_length", max_length=sd.max_length,
-                                            truncation=True).input_ids, np.int32)] * batch)
+    ids = tokenize(sd.tokenizer, ["a handwritten digit seven"] * batch, max_length=sd.max_length)
     ctx = np.array(jax.jit(sd.encode_text)(sd.params["text_encoder"], ids))
     return latents, t, ctx
 

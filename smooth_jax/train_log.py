@@ -91,6 +91,8 @@ class SampleWriter:
         sampler = sampling.make_sampler(sd, num_steps=int(config.log.sample_steps), guidance_scale=float(config.log.guidance))
 
         def render(unet_params, lora_tree, vae_params, noise, ctx, unc):
+            # Frozen weights may be stored in bf16; the merge and sampling run in fp32, inside the jit.
+            unet_params = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), unet_params)
             params = sampling.merged_unet_params(sd, unet_params, lora_tree, self.scale)
             return sd.decode_latents(vae_params, sampler(params, noise, ctx, unc))
 
@@ -99,8 +101,7 @@ class SampleWriter:
     def write(self, step: int, lora_tree, frozen, log: RunLog) -> Path:
         from smooth_jax import images
 
-        unet = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), frozen["unet"])
-        imgs = self.render(unet, lora_tree, frozen["vae"], self.noise, self.ctx, self.unc)
+        imgs = self.render(frozen["unet"], lora_tree, frozen["vae"], self.noise, self.ctx, self.unc)
         path = images.save_grid(np.asarray(imgs, np.float32), self.dir / f"step_{step:07d}.png", nrow=self.nrow)
         log.image("samples", images.make_grid(np.asarray(imgs, np.float32), nrow=self.nrow), step)
         return path
