@@ -182,10 +182,24 @@ def _describe(lf) -> str:
             f"(scale {lf.alpha / lf.rank:g}), {lora.count(lf.lora):,} parameters")
 
 
-def cmd_demo(args) -> int:
-    from smooth_jax import demo
+def cmd_demo(args, overrides: list[str]) -> int:
+    from smooth_jax import config_loader, demo
 
-    return demo.run(Path(args.out), model=args.model, rank=args.rank, torch_check=not args.no_torch)
+    config = config_loader.apply_overrides(config_loader.load_config(args.config), overrides)
+    return demo.run(config, Path(args.out), torch=not args.no_torch, progress=not args.no_progress)
+
+
+def cmd_pretrain(args, overrides: list[str]) -> int:
+    from smooth_jax import base_model, config_loader
+
+    config = config_loader.apply_overrides(config_loader.load_config(args.config), overrides)
+    folder = base_model.build(config, progress=not args.no_progress, force=args.force)
+    trained = base_model.read_provenance(folder)["trained"]
+    print(f"base model: {folder}\n  autoencoder reconstruction MSE {trained['autoencoder']['reconstruction_mse']:.3g}, "
+          f"UNet loss {trained['unet']['loss']:.4f}, trained in {trained['seconds'] / 60:.1f} min")
+    if config.to_dict() == base_model.default_config().to_dict():
+        print("  use it with --model digits (or the folder path)")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,11 +207,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("demo", help="run the embedded default end to end (no download)")
+    from smooth_jax.demo import REPO_CONFIG
+
     d.add_argument("--out", default="demo_out", help="output folder (default: demo_out)")
-    d.add_argument("--model", default="tiny", help="model source: preset, diffusers folder or hub id")
-    d.add_argument("--rank", type=int, default=8)
+    d.add_argument("--config", default=str(REPO_CONFIG), help="config file (default: configs/demo.py)")
     d.add_argument("--no-torch", action="store_true", help="skip the check with diffusers' PyTorch UNet")
-    d.set_defaults(fn=cmd_demo)
+    d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.set_defaults(fn=cmd_demo, takes_overrides=True, host_devices=True)
+
+    b = sub.add_parser("pretrain", help="train (or find cached) the embedded default base model on the bundled digits",
+                       description="Train the SD-architecture base model of the embedded default from scratch "
+                                   "(autoencoder, then UNet) and cache it; later calls return the cached folder.")
+    b.add_argument("--config", default=str(REPO_CONFIG.parent / "digits_base.py"))
+    b.add_argument("--force", action="store_true", help="train again even if cached")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(fn=cmd_pretrain, takes_overrides=True, host_devices=True)
 
     t = sub.add_parser("train", help="train a Smooth LoRA (any mesh, single- or multi-host)",
                        description="Train a Smooth Diffusion LoRA. Config fields are overridden with "
@@ -302,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     from smooth_jax import runtime
 
+    if getattr(args, "host_devices", False):
+        runtime.split_host_devices()
     runtime.setup()
     try:
         return args.fn(args, rest) if getattr(args, "takes_overrides", False) else args.fn(args)

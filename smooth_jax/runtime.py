@@ -12,6 +12,22 @@ def cache_root() -> Path:
     return Path(os.environ.get("SMOOTH_JAX_CACHE", Path.home() / ".cache" / "smooth_jax"))
 
 
+def split_host_devices(count: int | None = None) -> bool:
+    """Expose the CPU as ``count`` devices (default ``min(8, 2 * cores)``) so that data-parallel
+    jobs use every core: XLA runs one CPU device's work mostly on one thread (measured here on 2
+    cores: a batch-64 UNet step takes 0.26 s on 1 device, 0.17 s on 4). Accelerators are
+    unaffected. Must run before jax is imported; does nothing if it was, or if the user set the
+    flag. Returns whether the flag was set."""
+    import sys
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "jax" in sys.modules or "xla_force_host_platform_device_count" in flags:
+        return False
+    count = count or min(8, 2 * (os.cpu_count() or 1))
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+    return True
+
+
 def setup(compilation_cache: bool = True) -> None:
     """Enable JAX's persistent compilation cache and silence per-module deprecation warnings.
 

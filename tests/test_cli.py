@@ -63,16 +63,6 @@ def test_import_against_wrong_model_is_a_clear_error(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end(tmp_path):
-    assert cli.main(["demo", "--out", str(tmp_path)]) == 0
-    report = json.loads((tmp_path / "report.json").read_text())
-    assert report["ok"] and len(report["checks"]) == 6
-    for fmt in export.FORMATS:
-        assert export.read_any(tmp_path / f"lora_{fmt}.safetensors").format == fmt
-    assert "diffusers PyTorch" in (tmp_path / "report.md").read_text()
-
-
-@pytest.mark.slow
 def test_train_command_on_the_tiny_config(tmp_path):
     """`smooth-jax train --config configs/tiny.py` as a user runs it (shortened): checkpoints,
     TensorBoard events, per-step metrics, sample grids and the final LoRA in every format."""

@@ -86,7 +86,7 @@ def istd_config(files, **kw):
     return {**istd.default_config(), "model": "tiny",
             "loras": [f"zero={files / 'zero.safetensors'}", str(files / "rand.safetensors")],
             "prompts_file": str(files / "prompts.txt"), "frames": FRAMES, "steps": STEPS, "seed": 3,
-            "metrics": {"clip": "clip-folder", "fid_inception": "pt_inception.pth", "fid_clip": None},
+            "metrics": {"clip": "clip-folder", "fid_inception": "pt_inception.pth", "fid_clip": None, "digits": True},
             "fid_data": inputs.data_spec("digits"), "fid_num_images": 6, **kw}
 
 
@@ -134,6 +134,9 @@ def test_istd_equals_recomputation_with_generator(istd_run, tiny_sd, files):
     c = default_data_config()
     c.resolution, c.center_crop, c.shuffle = 32, True, False
     real = (next(iter(make_single_pass_iterator(c, tiny_sd.tokenizer, batch_size=6)))["images"] + 1) / 2
+    from smooth_jax.metrics.digits import DigitJudge
+
+    judge = DigitJudge.fit()
     for name, path in [("base", None), ("rand", files / "rand.safetensors")]:
         gen = Generator(tiny_sd, None if path is None else load_lora_file(str(path), tiny_sd.params["unet"]),
                         num_steps=STEPS, guidance_scale=7.5)
@@ -149,11 +152,16 @@ def test_istd_equals_recomputation_with_generator(istd_run, tiny_sd, files):
             ends.append(frames[[0, -1]])
             np.testing.assert_allclose(rec["clip_score"], FakeCLIP().scores(frames[[0, -1]], [prompt] * 2).mean(),
                                        rtol=1e-4)
+            label = {"two": 2, "seven": 7}[prompt.split()[-1]]
+            assert rec["digit_correct"] == [int(v) for v in judge.predict(frames[[0, -1]]) == label]
         np.testing.assert_allclose(m["metrics"]["istd"]["mean"], np.mean(stds), rtol=1e-4)
         np.testing.assert_allclose(m["metrics"]["istd"]["std"], np.std(stds), rtol=1e-3)
         fid = metrics.fid(FakeFeatures()(real), FakeFeatures()(np.concatenate(ends)))
         assert m["metrics"]["FID"]["n_generated"] == 4 and m["metrics"]["FID"]["n_real"] == 6
         np.testing.assert_allclose(m["metrics"]["FID"]["value"], fid, rtol=1e-3)
+        np.testing.assert_allclose(m["metrics"]["FD_digits"]["value"], judge.frechet(np.concatenate(ends), real), rtol=1e-3)
+        np.testing.assert_allclose(m["metrics"]["digit_accuracy"]["mean"],
+                                   np.mean([np.mean(r["digit_correct"]) for r in m["per_item"]]))
     assert results["models"]["rand"]["metrics"]["istd"]["mean"] != results["models"]["base"]["metrics"]["istd"]["mean"]
 
 
@@ -260,6 +268,23 @@ def test_istd_without_weights_reports_skipped_metrics(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "CLIP model folder" in err and "nope" in err and "not found" in err
     assert not (tmp_path / "o" / "run_config.json").exists()  # the corrected command is not blocked
+
+
+def test_istd_repeats_and_digit_prompts(files):
+    """--repeats N evaluates every prompt N times with its own noises; --digits needs prompts that
+    name a digit, checked before any work."""
+    cfg, prompts = istd.resolve(istd_config(files, repeats=3))
+    assert cfg["num_prompts"] == 6 and prompts == PROMPTS * 3 and cfg["repeats"] == 3
+    assert len({istd.prompt_seeds(cfg["seed"], i) for i in range(6)}) == 6
+    assert [istd.digit_label(p) for p in ("a handwritten digit zero", "digit 7, small", "A Handwritten Digit NINE")] == [0, 7, 9]
+    for bad in ("a digit", "digits one and two"):
+        with pytest.raises(ValueError, match="exactly one digit"):
+            istd.digit_label(bad)
+    (files / "words.txt").write_text("a photo of a cat\n")
+    with pytest.raises(ValueError, match="a photo of a cat"):
+        istd.resolve(istd_config(files, prompts_file=str(files / "words.txt")))
+    with pytest.raises(ValueError, match="repeats"):
+        istd.resolve(istd_config(files, repeats=0))
 
 
 # --- reconstruct ------------------------------------------------------------------------------

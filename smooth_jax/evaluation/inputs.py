@@ -191,6 +191,7 @@ class MetricNets:
 
     clip: Any = None
     lpips: Any = None
+    digits: Any = None  # a metrics.digits.DigitJudge (digit accuracy + FD_digits)
     fid: dict = dataclasses.field(default_factory=dict)
     skipped: dict = dataclasses.field(default_factory=dict)
 
@@ -229,6 +230,11 @@ def load_metric_nets(config: dict, want: Sequence[str]) -> MetricNets:
             nets.fid["FID"] = metrics.InceptionV3Features.from_path(m["fid_inception"])
         if m.get("fid_clip"):
             nets.fid["FID_CLIP"] = metrics.CLIPImageFeatures.from_pretrained(m["fid_clip"])
+        if m.get("digits"):
+            from smooth_jax.metrics.digits import DigitJudge
+
+            nets.digits = DigitJudge.fit()
+            nets.fid["FD_digits"] = nets.digits
         if not nets.fid:
             nets.skipped["FID"] = f"no {FID_HINT} given"
     return nets
@@ -242,13 +248,14 @@ def metric_options(args, want: Sequence[str]) -> dict:
     if "lpips" in want:
         out.update(lpips_backbone=args.lpips_backbone, lpips_heads=args.lpips_heads, lpips_net=args.lpips_net)
     if "fid" in want:
-        out.update(fid_inception=args.fid_inception, fid_clip=args.fid_clip)
+        out.update(fid_inception=args.fid_inception, fid_clip=args.fid_clip, digits=bool(args.digits))
     return out
 
 
 def resolve_metric_options(options: dict) -> dict:
     """Weight paths made absolute (the network choice ``lpips_net`` is kept as is)."""
-    return {k: (str(Path(v).expanduser().resolve()) if v and k != "lpips_net" else v) for k, v in options.items()}
+    return {k: (str(Path(v).expanduser().resolve()) if isinstance(v, str) and v and k != "lpips_net" else v)
+            for k, v in options.items()}
 
 
 # --- command-line options ---------------------------------------------------------------------

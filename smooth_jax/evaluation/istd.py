@@ -46,13 +46,14 @@ def default_config() -> dict:
         "caption_key": "caption",
         "image_key": "image",
         "num_prompts": None,  # None: every line of the file; 500 (the paper's) for TFDS captions
+        "repeats": 1,  # each prompt this many times, with its own noises (item i = prompt i mod P)
         "frames": 11,
         "steps": 50,
         "guidance": 7.5,
         "seed": 0,
         "negative_prompt": "",
         "batch_prompts": 1,  # prompts per render call (frames x this, padded to the devices)
-        "metrics": {"clip": None, "fid_inception": None, "fid_clip": None},
+        "metrics": {"clip": None, "fid_inception": None, "fid_clip": None, "digits": False},
         "fid_data": None,  # inputs.data_spec(...) of the real images for FID
         "fid_num_images": 1000,
         "grids": 4,
@@ -89,8 +90,14 @@ def resolve(config: dict) -> tuple[dict, list[str]]:
     if len(prompts) < n:
         raise ValueError(f"--num-prompts {n}, but only {len(prompts)} prompts in {source}.")
     prompts = prompts[:n]
+    if int(c["repeats"]) < 1:
+        raise ValueError(f"--repeats {c['repeats']}: must be >= 1.")
+    prompts = prompts * int(c["repeats"])
     metrics = inputs.resolve_metric_options(c["metrics"])
-    fid_on = bool(metrics.get("fid_inception") or metrics.get("fid_clip"))
+    fid_on = bool(metrics.get("fid_inception") or metrics.get("fid_clip") or metrics.get("digits"))
+    if metrics.get("digits"):
+        for p in prompts:
+            digit_label(p)  # every prompt must name its digit before any work
     if fid_on and not c["fid_data"]:
         raise ValueError("FID needs real images: pass --fid-data digits|folder|tfds (and its options).")
     if int(c["batch_prompts"]) < 1 or int(c["seed"]) < 0:
@@ -99,7 +106,8 @@ def resolve(config: dict) -> tuple[dict, list[str]]:
         "run": RUN,
         **inputs.resolve_common(c),
         "prompts": source,
-        "num_prompts": n,
+        "num_prompts": len(prompts),
+        "repeats": int(c["repeats"]),
         "prompts_sha256": report.text_sha256(prompts),
         "frames": int(c["frames"]),
         "seed": int(c["seed"]),
@@ -154,6 +162,8 @@ def run(config: dict, out: str, *, progress: bool = True, stop_after: int | None
                     rec = {"model": name, "item": i, "prompt": prompts[i], "seeds": list(seeds[j]),
                            "distances": [float(v) for v in dists[j]], "std": float(d.std(ddof=0)),
                            "mean_distance": float(d.mean())}
+                    if "digits" in r:
+                        rec["digit_correct"] = [int(v) for v in r["digits"][j]]
                     if clip is not None:
                         rec["clip_scores"] = [float(v) for v in clip[j]]
                         rec["clip_score"] = float(np.mean(clip[j].astype(np.float64)))
@@ -208,7 +218,21 @@ def render_block(gen, nets, noises, ctx, unc, prompts: Sequence[str], frames: in
            "features": {label: np.asarray(ext(ends)).reshape(b, 2, -1) for label, ext in nets.fid.items()}}
     if nets.clip is not None:
         out["clip"] = np.asarray(nets.clip.scores(ends, [p for p in prompts for _ in range(2)])).reshape(b, 2)
+    if nets.digits is not None:
+        labels = np.repeat([digit_label(p) for p in prompts], 2)
+        out["digits"] = (nets.digits.predict(ends) == labels).reshape(b, 2)
     return out
+
+
+def digit_label(prompt: str) -> int:
+    """The digit a prompt asks for ("a handwritten digit seven" -> 7), for the digit accuracy."""
+    from smooth_jax.data.sources import DIGIT_NAMES
+
+    words = prompt.lower().replace(",", " ").split()
+    found = [i for i, name in enumerate(DIGIT_NAMES) if name in words or str(i) in words]
+    if len(found) != 1:
+        raise ValueError(f"--digits: prompt {prompt!r} must name exactly one digit (zero..nine or 0..9).")
+    return found[0]
 
 
 def aggregate(rd: report.RunDir, cfg: dict, names: Sequence[str], nets, sd) -> dict:
@@ -226,6 +250,8 @@ def aggregate(rd: report.RunDir, cfg: dict, names: Sequence[str], nets, sd) -> d
         }
         if nets.clip is not None:
             m["clip_score"] = report.summarize(r["clip_score"] for r in recs)
+        if nets.digits is not None:
+            m["digit_accuracy"] = report.summarize(float(np.mean(r["digit_correct"])) for r in recs)
         for label, ext in nets.fid.items():
             fake = np.concatenate([rd.load_features(f"{label}_{name}_{i:05d}") for i in range(len(recs))])
             real = _real_features(rd, cfg, label, ext, sd)
@@ -243,9 +269,14 @@ def aggregate(rd: report.RunDir, cfg: dict, names: Sequence[str], nets, sd) -> d
             "clip_score": "100 * max(cos, 0) of the two end frames vs the prompt, mean per prompt; " + report.STD_NOTE,
             "FID": "Frechet distance of InceptionV3 pool3 features: 2 end frames per prompt vs the real images",
             "FID_CLIP": "Frechet distance of CLIP image embeddings: 2 end frames per prompt vs the real images",
+            "FD_digits": "Frechet distance of a digit classifier's hidden features (metrics.digits): 2 end frames "
+                         "per prompt vs the real images",
+            "digit_accuracy": "fraction of the 2 end frames per prompt that the digit classifier reads as the "
+                              "prompt's digit; " + report.STD_NOTE,
         },
         "skipped": nets.skipped,
         "models": models,
+        **({"digit_judge_held_out_accuracy": nets.digits.held_out_accuracy} if nets.digits is not None else {}),
     }
 
 
@@ -267,14 +298,17 @@ def _real_features(rd: report.RunDir, cfg: dict, label: str, extractor, sd) -> n
 
 def markdown(results: dict) -> str:
     cfg, skipped = results["config"], results["skipped"]
-    fid_labels = [k for k in ("FID", "FID_CLIP") if any(k in m["metrics"] for m in results["models"].values())]
+    fid_labels = [k for k in ("FID", "FID_CLIP", "FD_digits") if any(k in m["metrics"] for m in results["models"].values())]
     clip_on = any("clip_score" in m["metrics"] for m in results["models"].values())
-    headers = ["Model", "ISTD ↓"] + [f"{k} ↓" for k in fid_labels] + (["CLIP score ↑"] if clip_on else [])
+    digits_on = any("digit_accuracy" in m["metrics"] for m in results["models"].values())
+    headers = (["Model", "ISTD ↓"] + [f"{k} ↓" for k in fid_labels] + (["CLIP score ↑"] if clip_on else [])
+               + (["digit accuracy ↑"] if digits_on else []))
     rows = []
     for name, m in results["models"].items():
         mm = m["metrics"]
         rows.append([name, report.fmt(mm["istd"])] + [report.fmt(mm[k]["value"], 2) for k in fid_labels]
-                    + ([report.fmt(mm["clip_score"], 2)] if clip_on else []))
+                    + ([report.fmt(mm["clip_score"], 2)] if clip_on else [])
+                    + ([report.fmt(mm["digit_accuracy"], 3)] if digits_on else []))
     source = cfg["prompts"].get("file") or f"TFDS {cfg['prompts'].get('tfds')} ({cfg['prompts'].get('split')})"
     lines = [
         "# ISTD evaluation (Smooth Diffusion, Table 1)",
@@ -291,6 +325,10 @@ def markdown(results: dict) -> str:
         lines.append("FID columns use the 2 end frames per prompt against "
                      f"{next(iter(results['models'].values()))['metrics'][fid_labels[0]]['n_real']} real images "
                      f"({cfg['fid_data']['source']}).")
+    if digits_on:
+        lines.append("digit accuracy: share of end frames a digit classifier trained here (metrics.digits, held-out "
+                     "accuracy {:.3f}) reads as the prompt's digit; FD_digits: Fréchet distance on its hidden "
+                     "features.".format(results.get("digit_judge_held_out_accuracy", float("nan"))))
     if clip_on:
         lines.append(f"CLIP score: 100·max(cos, 0), CLIP `{cfg['metrics']['clip']}`, end frames vs prompt.")
     if skipped:
@@ -321,6 +359,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-key", default="image", help="the dataset's image feature (checked to exist)")
     g.add_argument("--num-prompts", type=int, default=None,
                    help="first N prompts (default: all of --prompts; 500 of --tfds-captions)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="evaluate each prompt this many times, each with its own pair of noises (default 1)")
     p.add_argument("--frames", type=int, default=11, help="frames per prompt, ends included (default 11)")
     p.add_argument("--seed", type=int, default=0, help="base seed; prompt i's noises use seeds derived from (seed, i)")
     p.add_argument("--negative-prompt", default="")
@@ -332,6 +372,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--fid-clip", default=None, help="FID_CLIP with this Hugging Face CLIP folder")
     inputs.add_data_args(m, prefix="fid-", what="FID's real images")
     m.add_argument("--fid-num-images", type=int, default=1000, help="real images for FID (default 1000)")
+    m.add_argument("--digits", action="store_true",
+                   help="digit accuracy + FD_digits, judged by a digit classifier trained here on the bundled "
+                        "digits (no weights needed; prompts must name a digit; pass --fid-data digits)")
 
 
 def config_from_args(args) -> dict:
@@ -344,6 +387,7 @@ def config_from_args(args) -> dict:
         "caption_key": args.caption_key,
         "image_key": args.image_key,
         "num_prompts": args.num_prompts,
+        "repeats": args.repeats,
         "frames": args.frames,
         "seed": args.seed,
         "negative_prompt": args.negative_prompt,

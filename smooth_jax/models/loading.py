@@ -336,12 +336,33 @@ def from_hub(repo_id: str, *, revision: str | None = None, dtype=jnp.float32, lo
     return from_folder(local, dtype=dtype, load_params=load_params)
 
 
+EMBEDDED = "digits"
+
+
+def _embedded_folder() -> Path:
+    """The cached embedded default (``base_model.default_config()``), or an error saying how to
+    build it (it is trained here, not downloaded)."""
+    from smooth_jax import base_model
+
+    folder = base_model.cached_folder(base_model.default_config())
+    if not base_model.is_complete(folder):
+        raise ModelLoadError(
+            f"The '{EMBEDDED}' model is trained by smooth-jax on first use and is not cached yet ({folder}). "
+            "Build it with `smooth-jax pretrain` (or `smooth-jax demo`, which does so first): about 8 minutes "
+            "on 2 CPU cores, no download."
+        )
+    return folder
+
+
 def load(source: str, *, rng: jax.Array | None = None, dtype=jnp.float32) -> StableDiffusion:
     """Load ``source``: a preset name, a local diffusers folder, or a hub id (see module docstring).
 
     ``tiny`` gets random params from ``rng`` (default seed 0). ``sd15`` has no weights here: it is an
-    error to ask for its params; use ``from_preset('sd15')`` for shapes only.
+    error to ask for its params; use ``from_preset('sd15')`` for shapes only. ``digits`` is the
+    cached embedded default that ``smooth-jax pretrain`` trains.
     """
+    if source == EMBEDDED:
+        return from_folder(_embedded_folder(), dtype=dtype)
     if source in presets.PRESETS:
         if source == "sd15":
             raise ModelLoadError(
@@ -364,6 +385,17 @@ def load(source: str, *, rng: jax.Array | None = None, dtype=jnp.float32) -> Sta
 def load_architecture(source: str, *, dtype=jnp.float32) -> StableDiffusion:
     """Like ``load`` but without params: configs, tokenizer and schedule only (no weights read or
     downloaded). Any preset works here, ``sd15`` included."""
+    if source == EMBEDDED:
+        from smooth_jax import base_model
+
+        folder = base_model.cached_folder(base_model.default_config())
+        if base_model.is_complete(folder):
+            return from_folder(folder, dtype=dtype, load_params=False)
+        configs = base_model.architecture(base_model.default_config())
+        from smooth_jax.models import tokenizer as tok
+
+        return StableDiffusion(configs=configs, tokenizer=tok.load_clip_tokenizer(),
+                               schedule=NoiseSchedule.from_config(configs["scheduler"]), source=EMBEDDED, dtype=dtype)
     if source in presets.PRESETS:
         return from_preset(source, dtype=dtype)
     path = Path(source).expanduser()
