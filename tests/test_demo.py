@@ -49,4 +49,11 @@ def test_demo_end_to_end_then_reuses_everything(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "train_and_evaluate", lambda *a, **k: pytest.fail("LoRA trained again"))
     assert cli.main(["demo", "--out", str(out), *SHRINK]) == 0
     again = json.loads((out / "report.json").read_text())
-    assert again["summary"] == report["summary"]
+    # Equal up to the last bits of FD_digits (recomputed from the saved features by threaded BLAS).
+    assert _flat(again["summary"]) == pytest.approx(_flat(report["summary"]), rel=1e-7)
+
+
+def _flat(tree, prefix=""):
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}/{key}").items()}
+    return {prefix: tree}
