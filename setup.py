@@ -23,6 +23,9 @@ setup(
         # PyTorch-side checks: diffusers' PyTorch pipeline and peft judge our LoRA files.
         "torch": ["torch==2.13.0", "peft==0.21.2"],
         "test": _requirements("requirements-dev.txt"),  # torch, peft, pytest, scikit-image (SSIM reference)
+        # smooth-jax plan: ahead-of-time compiles for TPU topologies (libtpu, the version jax[tpu]==0.10.2
+        # pins) and GPU target configs (the CUDA plugin without NVIDIA's runtime wheels: compiling needs none).
+        "plan": ["libtpu==0.0.42.1", "jax-cuda12-plugin==0.10.2", "jax-cuda12-pjrt==0.10.2"],
     },
     entry_points={"console_scripts": ["smooth-jax=smooth_jax.cli:main"]},
 )

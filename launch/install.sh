@@ -4,17 +4,24 @@
 #   bash launch/install.sh --no-torch  runtime only
 #   bash launch/install.sh --cuda      + jax's CUDA 12 plugin (GPU nodes)
 #   bash launch/install.sh --tpu       + libtpu (TPU VMs)
+#   bash launch/install.sh --plan      + the 'plan' extra: libtpu and jax's CUDA plugin, to compile for TPU pods
+#                                       and GPU nodes on any machine (smooth-jax plan). With it installed, jax
+#                                       logs "Could not find cuda drivers" (and, unless JAX_PLATFORMS=cpu or
+#                                       JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1, a CUDA version-check traceback) at
+#                                       start-up on machines without CUDA; CPU work is unaffected.
 # Python 3.10+ is needed; PYTHON overrides the interpreter (default python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 EXTRA="[test]"
 ACCEL=""
+PLAN=""
 for arg in "$@"; do
   case "$arg" in
     --no-torch) EXTRA="" ;;
     --cuda) ACCEL="jax[cuda12]==0.10.2" ;;
     --tpu) ACCEL="jax[tpu]==0.10.2" ;;
+    --plan) PLAN=1 ;;
     *) echo "install.sh: unknown option $arg" >&2; exit 2 ;;
   esac
 done
@@ -29,4 +36,5 @@ pip_install -e ".${EXTRA}"
 # data file is used; --no-deps keeps its torch/torchvision requirements out.
 pip_install --no-deps clip-anytorch==2.6.0
 [ -z "$ACCEL" ] || pip_install "$ACCEL"
+[ -z "$PLAN" ] || pip_install -e ".[plan]"
 .venv/bin/python -c "import smooth_jax, jax, flax, diffusers; print('smooth-jax', smooth_jax.__version__, '| jax', jax.__version__, '| flax', flax.__version__, '| diffusers', diffusers.__version__)"

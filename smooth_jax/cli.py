@@ -312,9 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("source")
     f.set_defaults(fn=cmd_info)
 
-    from smooth_jax import evaluation, image_commands
+    from smooth_jax import evaluation, image_commands, plan
 
     image_commands.register(sub)  # invert, edit, interpolate-images
+    plan.register(sub)  # plan: ahead-of-time compiles for TPU pods and GPU nodes
     evaluation.register(sub)  # eval istd | reconstruct | edit
     return p
 

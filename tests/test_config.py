@@ -14,6 +14,14 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*.py") if p.name != "__init__.py"))
 def test_every_config_loads_with_a_consistent_batch(name):
     c = config_loader.load_config(ROOT / "configs" / name)
+    if name == "demo.py":  # the main job: a base-model config, a LoRA train config and eval settings
+        assert dict(c.models) == {"plain": 0.0, "smooth": 1.0} and c.lora.objective.reg_weight == 1.0
+        c = c.lora
+    if name == "digits_base.py":  # the base model's own schema (smooth_jax.base_model)
+        from smooth_jax import base_model
+
+        assert c.to_dict() == base_model.default_config().to_dict()
+        return
     assert c.train.batch_size % c.train.grad_accum == 0
     if name.startswith("sd15"):
         assert (c.lora.rank, c.lora.alpha, c.train.lr, c.objective.reg_weight, c.objective.ema_decay) == (8, 8.0, 1e-4, 1.0, 0.01)

@@ -4,6 +4,12 @@
 it has no weights). ``tiny`` is the same family shrunk for CPU tests and the embedded default:
 every block type of SD-1.5's UNet (cross-attention down/up blocks, plain blocks, the
 cross-attention mid block), the same VAE and CLIP text encoder structure, the real CLIP vocabulary.
+``small`` sits between them, for benchmarks: SD-1.5's exact block structure (4 levels, three
+cross-attention down/up blocks, 2 layers per block, 8 heads) at a fifth of its widths
+(block_out_channels 64/128/256/256), 32x32 latents (256 px images through a 4-level VAE of
+widths 32/64/128/128), and a 4-layer CLIP text encoder of width 256 (cross_attention_dim 256).
+At batch 1 its train step took 4 s plain and 9 s regularized on a 2-core CPU shared with other
+jobs (load ~10; eval/bench/compare_train_step.py).
 """
 
 from __future__ import annotations
@@ -92,11 +98,18 @@ _TINY["text_encoder"].update(
     hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32
 )
 
-PRESETS = {"sd15": _SD15, "tiny": _TINY}
+_SMALL = copy.deepcopy(_SD15)
+_SMALL["unet"].update(sample_size=32, block_out_channels=[64, 128, 256, 256], cross_attention_dim=256)
+_SMALL["vae"].update(block_out_channels=[32, 64, 128, 128], layers_per_block=1, sample_size=256)
+_SMALL["text_encoder"].update(
+    hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, projection_dim=256
+)
+
+PRESETS = {"sd15": _SD15, "tiny": _TINY, "small": _SMALL}
 
 
 def preset(name: str) -> dict:
-    """A deep copy of the component configs of preset ``name`` ('sd15' or 'tiny')."""
+    """A deep copy of the component configs of preset ``name`` ('sd15', 'tiny' or 'small')."""
     if name not in PRESETS:
         raise ValueError(f"Unknown model preset {name!r}; known presets: {sorted(PRESETS)}.")
     return copy.deepcopy(PRESETS[name])

@@ -1,0 +1,658 @@
+"""Capacity planning: compile the real regularized train step for a pod you don't have.
+
+``smooth-jax plan`` lowers and compiles ``train.make_train_step`` (the Smooth Diffusion step:
+UNet forward, the vjp for ||J^T u||, and the second-order parameter gradient) ahead of time for
+TPU topologies and GPU nodes, on this CPU, with ShapeDtypeStruct inputs that carry the same
+NamedShardings as ``smooth-jax train``. Nothing is allocated and no weights are needed.
+
+- TPU (v4-8, v5e-16, v5p-8, v6e-8): the PyPI ``libtpu`` wheel compiles for
+  ``jax.experimental.topologies.get_topology_desc(platform="tpu", ...)`` devices. The compile
+  gives memory per chip (an HBM overflow is a compile error) and FLOPs / bytes accessed.
+- GPU (8xA100-80GB, 8xH100): ``jax-cuda12-plugin`` + ``jax-cuda12-pjrt`` compile for a
+  GpuTargetConfig text proto (``launch/gpu_targets/*.txtpb``) with no GPU and no CUDA runtime.
+  That compile gives memory only: FLOPs are counted from the jaxpr (dots and convolutions), and
+  bytes accessed are estimated; both are marked as such.
+
+Predicted step time per device is the roofline ``max(flops / peak, bytes / bandwidth)``: a lower
+bound that real steps reach at 100% utilisation only. Install with ``pip install -e .[plan]`` or
+``bash launch/install.sh --plan``.
+
+    smooth-jax plan                                   # sd15, every target, batch 1 per device, 512 px
+    smooth-jax plan --model sd15 --targets v5e-16 --batch 1
+    smooth-jax plan --targets v5p-8 8xa100 --search --remat none full --dtype float32 bfloat16 --out plan_out
+
+Full SD-1.5 compiles take minutes each on a small CPU (DESIGN.md §4: ~7 min for batch 1 on
+2 cores); ``--model tiny`` checks the machinery in seconds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+GiB = 1024**3
+_REPO = Path(__file__).resolve().parent.parent
+GPU_TARGET_DIR = _REPO / "launch" / "gpu_targets"
+BASE_CONFIG = _REPO / "configs" / "sd15_smooth_lora.py"
+INSTALL_HINT = "pip install -e '.[plan]' (or: bash launch/install.sh --plan)"
+
+
+class PlanError(RuntimeError):
+    """Something needed for a plan is missing; the message says what to install or pass."""
+
+
+# --- targets ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One pod or node: how to make its devices, and the per-device numbers of its chip.
+
+    peak_flops: dense bf16 FLOP/s per device. peak_flops_f32: what an fp32 matmul runs at with
+    JAX's default precision (TPU: one bf16 MXU pass, so the bf16 peak; Ampere/Hopper: TF32).
+    """
+
+    name: str
+    platform: str  # "tpu" | "cuda"
+    chip: str
+    devices: int
+    hbm_bytes: int
+    peak_flops: float
+    peak_flops_f32: float
+    hbm_bandwidth: float  # bytes/s
+    topology: dict  # TPU: get_topology_desc kwargs; GPU: {"target_config": file name}
+    source: str  # where the chip numbers come from
+
+
+def _tpu(name, chip, topology_name, bounds, devices, hbm, flops, bw, source, chip_config="default"):
+    topo = dict(topology_name=topology_name, chip_config_name=chip_config, chips_per_host_bounds=bounds,
+                num_slices=1, wrap=(False, False, False))
+    return Target(name, "tpu", chip, devices, hbm, flops, flops, bw, topo, source)
+
+
+TARGETS: dict[str, Target] = {t.name: t for t in [
+    # cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16, 32 GiB HBM2, 1200 GB/s per chip. v4-8 = 4 chips
+    # on one host; each chip's two TensorCores run as one megacore device.
+    _tpu("v4-8", "TPU v4", "v4:2x2x1", (2, 2, 1), 4, 32 * GiB, 275e12, 1200e9,
+         "cloud.google.com/tpu/docs/v4", chip_config="megacore"),
+    # cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16, 16 GiB HBM2, 819 GB/s. v5e-16 = 4x4 chips, 4 hosts of 2x2.
+    _tpu("v5e-16", "TPU v5e", "v5e:4x4", (2, 2, 1), 16, 16 * GiB, 197e12, 819e9, "cloud.google.com/tpu/docs/v5e"),
+    # cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16, 95 GiB HBM2e, 2765 GB/s. v5p-8 = 4 chips (megacore).
+    _tpu("v5p-8", "TPU v5p", "v5p:2x2x1", (2, 2, 1), 4, 95 * GiB, 459e12, 2765e9, "cloud.google.com/tpu/docs/v5p"),
+    # cloud.google.com/tpu/docs/v6e: 918 TFLOP/s bf16, 32 GiB HBM, 1638 GB/s. v6e-8 = 2x4 chips on one host.
+    _tpu("v6e-8", "TPU v6e", "v6e:2x4", (2, 4, 1), 8, 32 * GiB, 918e12, 1638e9, "cloud.google.com/tpu/docs/v6e"),
+    # NVIDIA A100 datasheet: bf16 tensor core 312 TFLOP/s dense (624 sparse), TF32 156 dense,
+    # 80 GB HBM2e at 2039 GB/s (SXM4). HBM size as the target config reports it.
+    Target("8xa100", "cuda", "A100-SXM4-80GB", 8, 85_100_068_864, 312e12, 156e12, 2039e9,
+           {"target_config": "a100_sxm_80gb.txtpb"}, "NVIDIA A100 datasheet"),
+    # NVIDIA H100 datasheet (SXM5): bf16 989 TFLOP/s dense (1979 sparse), TF32 495 dense, 80 GB HBM3 at 3.35 TB/s.
+    Target("8xh100", "cuda", "H100-SXM5-80GB", 8, 84_978_434_048, 989e12, 495e12, 3350e9,
+           {"target_config": "h100_sxm_80gb.txtpb"}, "NVIDIA H100 datasheet"),
+]}
+
+
+def devices_for(target: Target) -> list:
+    """Compile-only device objects of the target's topology (no hardware needed)."""
+    if target.platform == "tpu":
+        return _tpu_devices(target)
+    if target.platform == "cuda":
+        return _gpu_devices(target)
+    raise ValueError(f"target {target.name}: unknown platform {target.platform!r}")
+
+
+def _tpu_devices(target: Target) -> list:
+    from jax.experimental import topologies
+
+    try:
+        import libtpu  # noqa: F401
+    except ImportError as e:
+        raise PlanError(f"target {target.name}: TPU compiles need the libtpu wheel; {INSTALL_HINT}.") from e
+    # Any other jax process on this machine has loaded libtpu too (it holds /tmp/libtpu_lockfile);
+    # a compile-only topology needs no exclusive access to chips.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    devices = topologies.get_topology_desc(platform="tpu", **target.topology).devices
+    if len(devices) != target.devices:
+        raise PlanError(f"target {target.name}: topology {target.topology} gave {len(devices)} devices, "
+                        f"expected {target.devices}.")
+    return list(devices)
+
+
+def gpu_target_config(target: Target) -> str:
+    path = GPU_TARGET_DIR / target.topology["target_config"]
+    if not path.is_file():
+        raise PlanError(f"target {target.name}: GPU target config {path} is missing.")
+    return path.read_text()
+
+
+def prepare_gpu_plugin() -> None:
+    """Let jax register the CUDA plugin on a machine without CUDA: its start-up check of the CUDA
+    runtime version would otherwise refuse to register it. Only effective before jax starts its
+    backends; ``_gpu_devices`` loads the plugin itself when it was not registered."""
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+
+
+def _gpu_devices(target: Target) -> list:
+    from jax._src import xla_bridge as xb
+    from jax._src.lib import xla_client
+
+    config = gpu_target_config(target)
+    topology = f"1 x 1 x {target.devices}"  # slices x hosts x devices per host
+    xb.backends()  # discovers plugins (the cuda one registers if prepare_gpu_plugin ran first)
+    if "cuda" in xb._topology_factories:
+        topo = xb.make_pjrt_topology("cuda", "", topology=topology, target_config=config)
+    else:
+        try:
+            from jax_plugins import xla_cuda12
+        except ImportError as e:
+            raise PlanError(f"target {target.name}: GPU compiles need jax-cuda12-plugin and jax-cuda12-pjrt; "
+                            f"{INSTALL_HINT}.") from e
+        path = xla_cuda12._get_library_path()
+        if path is None:
+            raise PlanError(f"target {target.name}: jax-cuda12-pjrt's plugin library is missing; {INSTALL_HINT}.")
+        c_api = xla_client.load_pjrt_plugin_dynamically("cuda", str(path))
+        topo = xla_client.make_c_api_device_topology(c_api, "", topology=topology, target_config=config)
+    return list(topo._make_compile_only_devices())
+
+
+# --- one compile --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Result:
+    target: str
+    model: str
+    resolution: int
+    inputs: str  # "images" (VAE + text encoder in the step) | "latents" (cached encodings)
+    regularized: bool
+    remat: str
+    compute_dtype: str
+    batch_per_device: int
+    devices: int
+    argument_bytes: int = 0
+    output_bytes: int = 0
+    alias_bytes: int = 0
+    temp_bytes: int = 0
+    code_bytes: int = 0
+    total_bytes: int = 0  # arguments + outputs - aliased (donated) + temporaries + code
+    hbm_bytes: int = 0
+    fits: bool = False
+    flops: float = 0.0  # per device per step
+    flops_source: str = ""  # "compile" | "counted"
+    bytes_accessed: float = 0.0
+    bytes_source: str = ""  # "compile" | "estimate"
+    t_compute_s: float = 0.0
+    t_memory_s: float = 0.0
+    step_time_s: float = 0.0
+    images_per_s: float = 0.0  # whole pod, at the predicted step time
+    compile_s: float = 0.0
+    error: str = ""  # compile error (e.g. the HBM overflow on TPU)
+
+
+def total_memory(mem) -> int:
+    """Per-device bytes the executable needs: arguments + outputs - aliased + temporaries + code."""
+    return int(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+               + mem.temp_size_in_bytes + mem.generated_code_size_in_bytes)
+
+
+def predicted_step_time(flops: float, bytes_accessed: float, peak_flops: float, bandwidth: float) -> tuple[float, float, float]:
+    """Roofline per device: (compute time, memory time, max of the two) in seconds."""
+    t_c = flops / peak_flops if peak_flops > 0 else 0.0
+    t_m = bytes_accessed / bandwidth if bandwidth > 0 else 0.0
+    return t_c, t_m, max(t_c, t_m)
+
+
+def _is_oom(err: Exception) -> bool:
+    text = str(err)
+    return any(s in text for s in ("RESOURCE_EXHAUSTED", "Ran out of memory", "exceeds the memory", "out of memory",
+                                   "Exceeded hbm capacity", "hbm capacity"))
+
+
+def _config(base_config, model: str, remat: str, dtype: str, resolution: int):
+    import ml_collections
+
+    c = ml_collections.ConfigDict(base_config.to_dict())
+    c.model = model
+    c.train.remat = remat
+    c.train.compute_dtype = dtype
+    c.train.grad_accum = 1
+    c.data.resolution = resolution
+    return c
+
+
+def _model(model: str, dtype: str):
+    from smooth_jax import train
+    from smooth_jax.models import load_architecture
+
+    return load_architecture(model, dtype=train._dtype(dtype, "train.compute_dtype"))
+
+
+def _abstract_inputs(sd, config, batch_global: int, inputs: str, unet_shapes=None):
+    """(state, frozen, batch) as ShapeDtypeStructs, unsharded; batch with grad-accum axis 1."""
+    import jax
+    import jax.numpy as jnp
+
+    from smooth_jax import lora, train
+
+    shapes = sd.param_shapes() if unet_shapes is None else unet_shapes
+    frozen_dtype = train._dtype(config.train.frozen_dtype, "train.frozen_dtype")
+    frozen = jax.tree_util.tree_map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, frozen_dtype if jnp.issubdtype(s.dtype, jnp.floating) else s.dtype),
+        {c: shapes[c] for c in ("unet", "vae", "text_encoder")})
+    spec = lora.LoraSpec(rank=int(config.lora.rank), alpha=float(config.lora.alpha), targets=tuple(config.lora.targets))
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    lora_shapes = jax.eval_shape(lambda k: lora.init(k, shapes["unet"], spec), key)
+    tx = train.make_optimizer(config.train)
+    state = jax.eval_shape(lambda t, k: train.create_train_state(t, tx, k), lora_shapes, key)
+    res, f = int(config.data.resolution), sd.vae_scale_factor
+    if res % (8 * f):
+        raise ValueError(f"--resolution {res} must be a multiple of {8 * f} for this model.")
+    b = batch_global
+    if inputs == "images":
+        batch = {"images": jax.ShapeDtypeStruct((1, b, 3, res, res), jnp.float32),
+                 "input_ids": jax.ShapeDtypeStruct((1, b, sd.max_length), jnp.int32)}
+    elif inputs == "latents":
+        h = res // f
+        batch = {"latents": jax.ShapeDtypeStruct((1, b, sd.latent_channels, h, h), jnp.float32),
+                 "context": jax.ShapeDtypeStruct((1, b, sd.max_length, sd.context_dim), jnp.float32)}
+    else:
+        raise ValueError(f"--inputs {inputs!r}: choose 'images' or 'latents'.")
+    return state, frozen, batch
+
+
+def tree_bytes(tree) -> int:
+    import jax
+    import numpy as np
+
+    return int(sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))
+
+
+# --- counted FLOPs (for GPU compiles, which report none) ----------------------------------
+
+
+def _dot_flops(eqn) -> float:
+    import numpy as np
+
+    (lc, rc), (lb, _) = eqn.params["dimension_numbers"]
+    lhs, rhs = (v.aval for v in eqn.invars)
+    out = eqn.outvars[0].aval
+    contract = int(np.prod([lhs.shape[d] for d in lc])) if lc else 1
+    return 2.0 * float(np.prod(out.shape)) * contract
+
+
+def _conv_flops(eqn) -> float:
+    import numpy as np
+
+    lhs, rhs = (v.aval for v in eqn.invars)
+    out = eqn.outvars[0].aval
+    dn = eqn.params["dimension_numbers"]
+    # rhs spec: (out feature dim, in feature dim, spatial dims...)
+    rhs_spec = dn.rhs_spec
+    kernel_in = rhs.shape[rhs_spec[1]]
+    kernel_spatial = int(np.prod([rhs.shape[d] for d in rhs_spec[2:]]))
+    return 2.0 * float(np.prod(out.shape)) * kernel_in * kernel_spatial
+
+
+def count_flops(jaxpr) -> float:
+    """Matmul and convolution FLOPs (2 per multiply-add) of a closed jaxpr, scan bodies times
+    their length. Elementwise work is left out: the count is a lower bound of what a compiler's
+    cost analysis reports."""
+    import jax
+
+    def walk(jx) -> float:
+        total = 0.0
+        for eqn in jx.eqns:
+            name = eqn.primitive.name
+            if name == "dot_general":
+                total += _dot_flops(eqn)
+            elif name == "conv_general_dilated":
+                total += _conv_flops(eqn) / max(1, int(eqn.params.get("batch_group_count", 1)))
+            sub = 0.0
+            for p in eqn.params.values():
+                for j in (p if isinstance(p, (list, tuple)) else [p]):
+                    if isinstance(j, jax.extend.core.ClosedJaxpr):
+                        sub += walk(j.jaxpr)
+                    elif isinstance(j, jax.extend.core.Jaxpr):
+                        sub += walk(j)
+            if name == "scan":
+                sub *= int(eqn.params["length"])
+            elif name == "while":
+                sub = 0.0  # unknown trip count; the train step has none
+            elif name == "cond":
+                sub = sub / max(1, len(eqn.params["branches"]))  # average of the branches
+            total += sub
+        return total
+
+    return walk(jaxpr.jaxpr)
+
+
+def counted_step_flops(step: Callable, state, frozen, batch_per_device) -> float:
+    """FLOPs of one step at per-device shapes, counted from its jaxpr (no compile)."""
+    import jax
+
+    return count_flops(jax.make_jaxpr(step)(state, frozen, batch_per_device))
+
+
+# --- the planner --------------------------------------------------------------------------
+
+
+class Planner:
+    """Compiles the train step for targets; caches per (target, remat, dtype, batch, regularized)."""
+
+    def __init__(self, model: str = "sd15", resolution: int = 512, inputs: str = "images", base_config=None,
+                 hbm_override: int | None = None, on_compile: Callable[[str], None] | None = None):
+        from smooth_jax import config_loader
+
+        prepare_gpu_plugin()
+        self.model, self.resolution, self.inputs = model, int(resolution), inputs
+        self.base_config = base_config if base_config is not None else config_loader.load_config(BASE_CONFIG)
+        self.hbm_override = hbm_override  # bytes per device, instead of the chip's HBM
+        self.on_compile = on_compile
+        self._devices: dict[str, list] = {}
+        self._models: dict[str, Any] = {}
+        self._shapes = None
+        self.cache: dict[tuple, Result] = {}
+
+    def devices(self, target: Target) -> list:
+        if target.name not in self._devices:
+            self._devices[target.name] = devices_for(target)
+        return self._devices[target.name]
+
+    def sd(self, dtype: str):
+        if dtype not in self._models:
+            self._models[dtype] = _model(self.model, dtype)
+        return self._models[dtype]
+
+    def unet_shapes(self, sd):
+        if self._shapes is None:
+            self._shapes = sd.param_shapes()
+        return self._shapes
+
+    def per_device_inputs(self, batch: int, remat: str = "none", dtype: str = "bfloat16"):
+        """(state, frozen, batch) ShapeDtypeStructs of one device's share: what its arguments hold."""
+        config = _config(self.base_config, self.model, remat, dtype, self.resolution)
+        sd = self.sd(dtype)
+        return _abstract_inputs(sd, config, batch, self.inputs, self.unet_shapes(sd))
+
+    def step(self, remat: str = "none", dtype: str = "bfloat16", regularized: bool = True) -> Callable:
+        from smooth_jax import train
+
+        config = _config(self.base_config, self.model, remat, dtype, self.resolution)
+        return train.make_train_step(self.sd(dtype), config, regularize=regularized)
+
+    def lower(self, target: Target, batch: int, remat: str, dtype: str, regularized: bool = True):
+        """(lowered, step, (state, frozen, batch_per_device) ShapeDtypeStructs, config)."""
+        import jax
+
+        from smooth_jax import sharding, train
+
+        config = _config(self.base_config, self.model, remat, dtype, self.resolution)
+        sd = self.sd(dtype)
+        devices = self.devices(target)
+        fsdp = int(dict(config.mesh.shape).get("fsdp", 1))
+        mesh = sharding.make_mesh({"data": -1, "fsdp": fsdp}, devices=devices)
+        state, frozen, batch_g = _abstract_inputs(sd, config, batch * len(devices), self.inputs, self.unet_shapes(sd))
+        rep = sharding.replicated(mesh)
+        state_sh = jax.tree_util.tree_map(lambda _: rep, state)
+        frozen_sh = sharding.param_shardings(frozen, [tuple(r) for r in config.mesh.rules], mesh)
+        batch_sh = sharding.batch_sharding(mesh, leading=1)
+        attach = lambda tree, sh: jax.tree_util.tree_map(  # noqa: E731
+            lambda s, x: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=x), tree, sh)
+        args = (attach(state, state_sh), attach(frozen, frozen_sh),
+                jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=batch_sh), batch_g))
+        step = train.make_train_step(sd, config, regularize=regularized)
+        jitted = jax.jit(step, in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, rep),
+                         donate_argnums=0)
+        _, _, batch_d = _abstract_inputs(sd, config, batch, self.inputs, self.unet_shapes(sd))
+        return jitted.lower(*args), step, (state, frozen, batch_d), config
+
+    def compile(self, target: Target | str, batch: int, remat: str = "none", dtype: str = "bfloat16",
+                regularized: bool = True, hbm_bytes: int | None = None) -> Result:
+        """Compile (or reuse) one step; ``fits`` is judged against ``hbm_bytes`` (default: the
+        planner's ``hbm_override`` or the chip's HBM)."""
+        target = TARGETS[target] if isinstance(target, str) else target
+        hbm = int(hbm_bytes or self.hbm_override or target.hbm_bytes)
+        key = (target.name, int(batch), remat, dtype, bool(regularized))
+        if key not in self.cache:
+            self.cache[key] = self._compile(target, int(batch), remat, dtype, bool(regularized))
+        r = dataclasses.replace(self.cache[key], hbm_bytes=hbm)
+        r.fits = not r.error and r.total_bytes <= hbm
+        return r
+
+    def _compile(self, target: Target, batch: int, remat: str, dtype: str, regularized: bool) -> Result:
+        if self.on_compile:
+            self.on_compile(f"{target.name} {'reg' if regularized else 'plain'} remat={remat} {dtype} b={batch}")
+        r = Result(target=target.name, model=self.model, resolution=self.resolution, inputs=self.inputs,
+                   regularized=regularized, remat=remat, compute_dtype=dtype, batch_per_device=batch,
+                   devices=target.devices)
+        t0 = time.perf_counter()
+        lowered, step, per_device, _ = self.lower(target, batch, remat, dtype, regularized)
+        try:
+            compiled = lowered.compile()
+        except Exception as e:  # noqa: BLE001 - an HBM overflow is a compile error on TPU
+            if not _is_oom(e):
+                raise
+            r.compile_s = time.perf_counter() - t0
+            r.error = str(e).strip().splitlines()[0][:300]
+            return r
+        r.compile_s = time.perf_counter() - t0
+        mem = compiled.memory_analysis()
+        r.argument_bytes, r.output_bytes = int(mem.argument_size_in_bytes), int(mem.output_size_in_bytes)
+        r.alias_bytes, r.temp_bytes = int(mem.alias_size_in_bytes), int(mem.temp_size_in_bytes)
+        r.code_bytes = int(mem.generated_code_size_in_bytes)
+        r.total_bytes = total_memory(mem)
+        cost = compiled.cost_analysis()
+        if isinstance(cost, (list, tuple)):
+            cost = cost[0] if cost else None
+        if cost and cost.get("flops", 0) > 0:
+            r.flops, r.flops_source = float(cost["flops"]), "compile"
+        else:
+            r.flops, r.flops_source = counted_step_flops(step, *per_device), "counted"
+        if cost and cost.get("bytes accessed", 0) > 0:
+            r.bytes_accessed, r.bytes_source = float(cost["bytes accessed"]), "compile"
+        else:
+            # No cost model: every argument read once, every temporary written and read once.
+            r.bytes_accessed, r.bytes_source = float(r.argument_bytes + r.output_bytes + 2 * r.temp_bytes), "estimate"
+        peak = target.peak_flops if dtype == "bfloat16" else target.peak_flops_f32
+        r.t_compute_s, r.t_memory_s, r.step_time_s = predicted_step_time(r.flops, r.bytes_accessed, peak,
+                                                                         target.hbm_bandwidth)
+        r.images_per_s = batch * target.devices / r.step_time_s if r.step_time_s > 0 else 0.0
+        return r
+
+
+def search_batch(fits: Callable[[int], bool], max_batch: int = 256, refine: bool = True) -> tuple[int, list[int]]:
+    """Largest per-device batch b <= max_batch with ``fits(b)``: doubles from 1 and stops at the
+    first batch that does not fit, then (``refine``) bisects between the last fit and that one.
+    Returns (largest fitting batch or 0, the batches tried in order)."""
+    tried: list[int] = []
+    ok, b = 0, 1
+    bad = None
+    while b <= max_batch:
+        tried.append(b)
+        if not fits(b):
+            bad = b
+            break
+        ok, b = b, b * 2
+    if refine and bad is not None and ok:
+        lo, hi = ok, bad
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            tried.append(mid)
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid
+        ok = lo
+    return ok, tried
+
+
+# --- report -------------------------------------------------------------------------------
+
+
+def _gib(x: float) -> str:
+    return f"{x / GiB:.2f}"
+
+
+def _ms(x: float) -> str:
+    return f"{x * 1e3:.0f}" if x >= 0.01 else f"{x * 1e3:.2f}"
+
+
+def markdown_table(results: Sequence[Result]) -> str:
+    head = ("| target | step | remat | compute | batch/dev | args GiB | temp GiB | total GiB | HBM GiB | fits "
+            "| TFLOP/step/dev | GB accessed/dev | t_flops ms | t_hbm ms | predicted step ms | img/s (pod) | compile s |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in results:
+        if r.error:
+            lines.append(f"| {r.target} | {'reg' if r.regularized else 'plain'} | {r.remat} | {r.compute_dtype} "
+                         f"| {r.batch_per_device} | | | | {_gib(r.hbm_bytes)} | no (compile: HBM overflow) "
+                         f"| | | | | | | {r.compile_s:.0f} |")
+            continue
+        fl = f"{r.flops / 1e12:.3g}" + ("" if r.flops_source == "compile" else " (counted)")
+        by = f"{r.bytes_accessed / 1e9:.3g}" + ("" if r.bytes_source == "compile" else " (est.)")
+        lines.append(
+            f"| {r.target} | {'reg' if r.regularized else 'plain'} | {r.remat} | {r.compute_dtype} | {r.batch_per_device} "
+            f"| {_gib(r.argument_bytes)} | {_gib(r.temp_bytes)} | {_gib(r.total_bytes)} | {_gib(r.hbm_bytes)} "
+            f"| {'yes' if r.fits else 'no'} | {fl} | {by} | {_ms(r.t_compute_s)} | {_ms(r.t_memory_s)} "
+            f"| {_ms(r.step_time_s)} | {r.images_per_s:.3g} | {r.compile_s:.0f} |")
+    return "\n".join(lines)
+
+
+def search_table(rows: Sequence[dict]) -> str:
+    lines = ["| target | remat | compute | largest batch/dev that fits | total GiB there | predicted step ms | img/s (pod) | batches compiled |",
+             "|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        r = row.get("best")
+        lines.append(f"| {row['target']} | {row['remat']} | {row['compute_dtype']} | {row['max_batch']} "
+                     f"| {_gib(r['total_bytes']) if r else ''} | {_ms(r['step_time_s']) if r else ''} "
+                     f"| {format(r['images_per_s'], '.3g') if r else ''} | {', '.join(map(str, row['tried']))} |")
+    return "\n".join(lines)
+
+
+NOTES = """Per device. `total` = arguments + outputs - donated (aliased) + temporaries + code; on TPU an HBM
+overflow is a compile error, on GPU `fits` compares `total` with the whole HBM (JAX preallocates 75% of
+it by default: set XLA_PYTHON_CLIENT_MEM_FRACTION=.95 to use it). FLOPs and bytes come from the TPU
+compile's cost analysis; GPU compiles report none, so there FLOPs are counted from the jaxpr (dots and
+convolutions only: a lower bound) and bytes are estimated as arguments + outputs + 2 x temporaries.
+Predicted step = max(FLOPs / peak, bytes / HBM bandwidth) at the chip's peak (bf16, or TF32 on GPU for
+fp32 compute): a roofline lower bound. One step here is one micro-batch (grad_accum = 1)."""
+
+
+def report_markdown(results: Sequence[Result], search_rows: Sequence[dict] = ()) -> str:
+    parts = []
+    if results:
+        r0 = results[0]
+        parts.append(f"# smooth-jax plan: {r0.model} at {r0.resolution} px, inputs = {r0.inputs}\n")
+        parts.append(markdown_table(results))
+    if search_rows:
+        parts.append("\n## Largest per-device batch that fits (by compiling)\n")
+        parts.append(search_table(search_rows))
+    parts.append("\n" + NOTES)
+    srcs = sorted({(t.name, t.source) for t in TARGETS.values() if any(r.target == t.name for r in results)})
+    if srcs:
+        parts.append("\nChip numbers: " + "; ".join(f"{n}: {s}" for n, s in srcs) + ".")
+    return "\n".join(parts) + "\n"
+
+
+# --- command ------------------------------------------------------------------------------
+
+
+def run(args, overrides: Sequence[str] = (), planner: Planner | None = None) -> tuple[list[Result], list[dict]]:
+    """The plan command's work: compiles for every target x remat x dtype (x batch with --search)."""
+    from smooth_jax import config_loader
+
+    names = list(TARGETS) if not args.targets or args.targets == ["all"] else args.targets
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown:
+        raise ValueError(f"unknown target(s) {unknown}; known: {', '.join(TARGETS)} (or 'all').")
+    base = config_loader.apply_overrides(config_loader.load_config(args.config or BASE_CONFIG), list(overrides))
+    from tqdm.auto import tqdm
+
+    bar = tqdm(desc="compiles", unit="compile", disable=args.no_progress)
+    on_compile = lambda what: bar.set_postfix_str(what, refresh=True)  # noqa: E731
+    if planner is None:
+        planner = Planner(model=args.model, resolution=args.resolution, inputs=args.inputs, base_config=base,
+                          on_compile=on_compile)
+    elif (planner.model, planner.resolution, planner.inputs) != (args.model, args.resolution, args.inputs):
+        raise ValueError("run(): the planner was made for another model, resolution or inputs.")
+    hbm = int(args.hbm_gib * GiB) if args.hbm_gib else None
+
+    def compile_one(*a, **kw):
+        r = planner.compile(*a, hbm_bytes=hbm, **kw)
+        bar.update(1)
+        return r
+
+    results, search_rows = [], []
+    steps = {"reg": [True], "plain": [False], "both": [True, False]}[args.step]
+    for name in names:
+        for remat in args.remat:
+            for dtype in args.dtype:
+                if args.search:
+                    def fits(b, name=name, remat=remat, dtype=dtype):
+                        return compile_one(name, b, remat, dtype).fits
+
+                    best, tried = search_batch(fits, max_batch=args.max_batch, refine=not args.no_refine)
+                    results.extend(planner.compile(name, b, remat, dtype, hbm_bytes=hbm) for b in tried)
+                    best_r = planner.compile(name, best, remat, dtype, hbm_bytes=hbm) if best else None
+                    row = {"target": name, "remat": remat, "compute_dtype": dtype, "max_batch": best, "tried": tried,
+                           "best": dataclasses.asdict(best_r) if best_r else None}
+                    search_rows.append(row)
+                else:
+                    for reg in steps:
+                        results.append(compile_one(name, args.batch, remat, dtype, regularized=reg))
+    bar.close()
+    return results, search_rows
+
+
+def cmd_plan(args, overrides) -> int:
+    prepare_gpu_plugin()
+    results, search_rows = run(args, overrides)
+    print(report_markdown(results, search_rows))
+    if args.out:
+        md, js = write_outputs(args.out, results, search_rows)
+        print(f"wrote {md} and {js}")
+    return 0
+
+
+def write_outputs(out: str | Path, results: Sequence[Result], search_rows: Sequence[dict] = ()) -> tuple[Path, Path]:
+    """plan.md (the tables) and plan.json (every number, and the targets' chip figures)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "plan.md").write_text(report_markdown(results, search_rows))
+    payload = {"results": [dataclasses.asdict(r) for r in results], "search": list(search_rows),
+               "targets": {n: dataclasses.asdict(t) for n, t in TARGETS.items()}}
+    (out / "plan.json").write_text(json.dumps(payload, indent=1, default=str))
+    return out / "plan.md", out / "plan.json"
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "plan", help="compile the train step for TPU pods / GPU nodes without the hardware: memory, FLOPs, step time",
+        description="Compile the Smooth Diffusion train step ahead of time for TPU topologies (libtpu) and GPU "
+                    "nodes (GpuTargetConfig) and report per-device memory, FLOPs and predicted step time; "
+                    "--search finds the largest per-device batch that fits. Needs the 'plan' extra: "
+                    f"{INSTALL_HINT}. Config fields: --config.SECTION.FIELD=VALUE (e.g. FSDP rules).")
+    p.add_argument("--model", default="sd15", help="preset (sd15, tiny), diffusers folder or hub id (architecture only)")
+    p.add_argument("--targets", nargs="*", default=["all"], help=f"any of: {', '.join(TARGETS)} (default: all)")
+    p.add_argument("--resolution", type=int, default=512, help="image size in pixels (default 512)")
+    p.add_argument("--batch", type=int, default=1, help="per-device batch without --search (default 1)")
+    p.add_argument("--remat", nargs="+", default=["none"], choices=["none", "full", "dots"],
+                   help="remat policies to compile (default none)")
+    p.add_argument("--dtype", nargs="+", default=["bfloat16"], choices=["float32", "bfloat16"],
+                   help="compute dtypes to compile (default bfloat16; LoRA and optimizer stay fp32)")
+    p.add_argument("--step", choices=["reg", "plain", "both"], default="reg",
+                   help="the regularized step (default), the plain LoRA step, or both")
+    p.add_argument("--inputs", choices=["images", "latents"], default="images",
+                   help="images: VAE + text encoder run in the step (default); latents: cached encodings")
+    p.add_argument("--search", action="store_true",
+                   help="find the largest per-device batch that fits for every target x remat x dtype "
+                        "(doubling from 1, then bisecting: several compiles each)")
+    p.add_argument("--max-batch", type=int, default=256, help="upper bound for --search")
+    p.add_argument("--no-refine", action="store_true", help="--search: powers of two only, no bisection")
+    p.add_argument("--hbm-gib", type=float, default=None, help="pretend each device has this much memory")
+    p.add_argument("--config", default=None, help="base config (default configs/sd15_smooth_lora.py)")
+    p.add_argument("--out", default=None, help="also write plan.md and plan.json here")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_plan, takes_overrides=True)

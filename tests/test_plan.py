@@ -1,0 +1,176 @@
+"""smooth-jax plan: ahead-of-time compiles of the train step for TPU and GPU targets, on this CPU.
+
+Tiny preset only (SD-1.5 compiles take minutes: they are for the explicit command), cached
+latents at 16 px, so each compile is small. One TPU target (v5p-8, 4 chips) and one GPU target
+(8xA100); the planner is shared by the module, so every program compiles once.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from smooth_jax import plan
+
+pytest.importorskip("libtpu", reason="the plan extra is not installed (pip install -e '.[plan]')")
+
+# Each TPU/GPU compile of the tiny regularized step takes ~40-60 s on an idle 2-core CPU.
+compiles = pytest.mark.slow
+
+TPU, GPU = "v5p-8", "8xa100"
+RES, INPUTS, DTYPE = 16, "latents", "float32"
+
+
+@pytest.fixture(scope="module")
+def planner():
+    return plan.Planner(model="tiny", resolution=RES, inputs=INPUTS)
+
+
+@pytest.fixture(scope="module")
+def reg(planner):
+    return planner.compile(TPU, 1, "none", DTYPE, regularized=True)
+
+
+@pytest.fixture(scope="module")
+def plain(planner):
+    return planner.compile(TPU, 1, "none", DTYPE, regularized=False)
+
+
+@compiles
+def test_tpu_compile_reports_memory_flops_and_time(planner, reg):
+    t = plan.TARGETS[TPU]
+    assert reg.error == "" and reg.fits and reg.devices == 4
+    assert reg.argument_bytes > 0 and reg.temp_bytes > 0 and reg.flops > 0 and reg.bytes_accessed > 0
+    assert reg.flops_source == "compile" and reg.bytes_source == "compile"
+    assert reg.total_bytes == (reg.argument_bytes + reg.output_bytes - reg.alias_bytes + reg.temp_bytes
+                               + reg.code_bytes)
+    # The donated train state comes back in place: outputs alias (almost) all of their bytes.
+    assert reg.alias_bytes > 0
+    # Arguments hold, on every chip, the replicated frozen weights, LoRA, Adam moments and the
+    # chip's slice of the batch: at least their bytes, counted here from the shapes alone.
+    # With cached latents the VAE and text encoder are unused, and jit drops unused arguments.
+    state, frozen, batch_d = planner.per_device_inputs(1, "none", DTYPE)
+    lora_bytes = plan.tree_bytes(state.lora)
+    assert plan.tree_bytes(state.opt_state) >= 2 * lora_bytes  # Adam mu and nu
+    expected = plan.tree_bytes(frozen["unet"]) + plan.tree_bytes(state) + plan.tree_bytes(batch_d)
+    assert reg.argument_bytes >= expected
+    # TPU layouts pad the minor dims to 128-lane tiles: tiny's 32/64 channels and rank-8 LoRA
+    # factors about double (measured 1.93x); nothing else is in there.
+    assert reg.argument_bytes < 2.5 * expected
+    # Predicted time: the roofline of the reported numbers at v5p's peak (fp32 = one bf16 pass on TPU).
+    assert reg.t_compute_s == pytest.approx(reg.flops / t.peak_flops_f32)
+    assert reg.t_memory_s == pytest.approx(reg.bytes_accessed / t.hbm_bandwidth)
+    assert reg.step_time_s == max(reg.t_compute_s, reg.t_memory_s)
+    assert reg.images_per_s == pytest.approx(1 * 4 / reg.step_time_s)
+
+
+@compiles
+def test_regularizer_costs_more_than_the_plain_step(planner, reg, plain):
+    # DESIGN.md §4: 2.2x the FLOPs and ~4x the temporaries at SD-1.5 size; at tiny size the double
+    # backward still costs well over the plain step, and less than 4 plain steps.
+    assert 1.3 * plain.flops < reg.flops < 4 * plain.flops
+    assert reg.temp_bytes > plain.temp_bytes
+    assert reg.argument_bytes == plain.argument_bytes  # same state, weights and batch
+    # The plain step's FLOPs against an independent count: dots and convolutions of its jaxpr
+    # (elementwise work left out, so the count is lower, but within a factor of 2).
+    step = planner.step("none", DTYPE, regularized=False)
+    counted = plan.counted_step_flops(step, *planner.per_device_inputs(1, "none", DTYPE))
+    assert plain.flops / 2 < counted < 1.1 * plain.flops
+
+
+def test_count_flops_of_a_matmul_and_a_conv():
+    def f(a, b, x, w):
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME")  # NCHW, OIHW
+        return a @ b, y
+
+    a, b = jnp.zeros((3, 5)), jnp.zeros((5, 7))
+    x, w = jnp.zeros((2, 4, 6, 6)), jnp.zeros((8, 4, 3, 3))
+    n = plan.count_flops(jax.make_jaxpr(f)(a, b, x, w))
+    assert n == 2 * 3 * 5 * 7 + 2 * (2 * 8 * 6 * 6) * (4 * 3 * 3)
+
+    def scanned(a, b):
+        return jax.lax.scan(lambda c, _: (c @ b, None), a, None, length=4)[0]
+
+    a, b = jnp.zeros((5, 5)), jnp.zeros((5, 5))
+    assert plan.count_flops(jax.make_jaxpr(scanned)(a, b)) == 4 * 2 * 5**3
+
+
+@compiles
+def test_gpu_compile_from_a_target_config(planner, reg):
+    try:
+        r = planner.compile(GPU, 1, "none", DTYPE, regularized=True)
+    except plan.PlanError as e:
+        pytest.skip(f"no GPU compile here: {e}")
+    t = plan.TARGETS[GPU]
+    assert r.error == "" and r.fits and r.devices == 8
+    assert r.argument_bytes > 0 and r.temp_bytes > 0
+    # The GPU compile reports no FLOPs: they are counted, and agree with the TPU compile's count of
+    # the same per-device program within a factor (elementwise work is not counted).
+    assert r.flops_source == "counted" and r.bytes_source == "estimate"
+    assert reg.flops / 2 < r.flops < 1.1 * reg.flops
+    # Unpadded GPU buffers: the arguments are the shapes' bytes, plus at most a little alignment.
+    state, frozen, batch_d = planner.per_device_inputs(1, "none", DTYPE)
+    expected = plan.tree_bytes(frozen["unet"]) + plan.tree_bytes(state) + plan.tree_bytes(batch_d)
+    assert expected <= r.argument_bytes < 1.05 * expected
+    assert r.t_compute_s == pytest.approx(r.flops / t.peak_flops_f32)  # fp32 compute: TF32 peak
+
+
+def test_predicted_step_time_is_the_roofline():
+    assert plan.predicted_step_time(2e12, 1e9, 1e12, 1e12) == (2.0, 1e-3, 2.0)
+    assert plan.predicted_step_time(1e9, 4e12, 1e12, 2e12) == (1e-3, 2.0, 2.0)
+
+
+def test_batch_search_stops_at_the_first_batch_that_does_not_fit():
+    calls = []
+
+    def fits(b):
+        calls.append(b)
+        return b <= 5
+
+    assert plan.search_batch(fits, refine=False) == (4, [1, 2, 4, 8])
+    assert calls == [1, 2, 4, 8]
+    assert plan.search_batch(fits) == (5, [1, 2, 4, 8, 6, 5])
+    assert plan.search_batch(lambda b: False) == (0, [1])
+    assert plan.search_batch(lambda b: True, max_batch=4) == (4, [1, 2, 4])
+
+
+@compiles
+def test_search_with_a_small_fake_hbm_compiles_until_it_overflows(planner, reg, tmp_path):
+    """An HBM just big enough for batch 1: batch 2 is compiled, does not fit, and the search stops."""
+    from smooth_jax import cli
+
+    hbm_gib = reg.total_bytes / plan.GiB
+    args, rest = cli.build_parser().parse_known_args(
+        ["plan", "--model", "tiny", "--targets", TPU, "--resolution", str(RES), "--inputs", INPUTS,
+         "--dtype", DTYPE, "--search", "--hbm-gib", repr(hbm_gib), "--no-progress", "--out", str(tmp_path)])
+    assert args.fn is plan.cmd_plan and not rest
+    results, rows = plan.run(args, rest, planner=planner)
+    assert [r.batch_per_device for r in results] == [1, 2]
+    assert [r.fits for r in results] == [True, False]
+    assert rows[0]["max_batch"] == 1 and rows[0]["tried"] == [1, 2]
+    assert results[1].total_bytes > results[0].total_bytes  # a bigger batch needs more memory
+    plan.write_outputs(tmp_path, results, rows)
+    payload = json.loads((tmp_path / "plan.json").read_text())
+    assert payload["search"][0]["max_batch"] == 1
+    assert payload["results"][0]["flops"] == pytest.approx(reg.flops)
+    md = (tmp_path / "plan.md").read_text()
+    assert "| v5p-8 | reg | none | float32 | 1 |" in md and "Largest per-device batch" in md
+
+
+def test_missing_libtpu_names_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "libtpu", None)  # import libtpu -> ImportError
+    with pytest.raises(plan.PlanError, match=r"pip install -e '\.\[plan\]'.*install\.sh --plan"):
+        plan.devices_for(plan.TARGETS["v6e-8"])
+
+
+def test_targets_table_is_consistent():
+    for t in plan.TARGETS.values():
+        assert t.peak_flops >= t.peak_flops_f32 > 0 and t.hbm_bytes > 10 * plan.GiB and t.hbm_bandwidth > 5e11
+        if t.platform == "cuda":
+            assert "device_memory_size" in plan.gpu_target_config(t)
+    assert np.isclose(plan.TARGETS["8xh100"].peak_flops, 989e12)
