@@ -58,21 +58,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def compile_uncached(lowered):
-    """``lowered.compile()`` with the persistent compilation cache bypassed, so the time is a real
-    compile (model inits elsewhere in the run still use the cache). Returns (compiled, seconds)."""
-    from jax._src import compilation_cache as cc  # reset_cache: the cache-enabled check is memoised
-
-    was = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    cc.reset_cache()
-    try:
-        t0 = time.perf_counter()
-        compiled = lowered.compile()
-        return compiled, time.perf_counter() - t0
-    finally:
-        jax.config.update("jax_enable_compilation_cache", was)
-        cc.reset_cache()
+from compare_train_step import compile_uncached  # noqa: E402  (same folder, on sys.path above)
 
 
 def _timed(fn) -> float:
