@@ -105,7 +105,10 @@ def eval_configs(config: ml_collections.ConfigDict, base_folder: Path, loras: di
     common = {"model": str(base_folder), "loras": [f"{n}={p}" for n, p in loras.items()], "base": True,
               "steps": int(e.steps), "guidance": float(e.guidance)}
     models = inputs.parse_loras(common["loras"], base=True)
-    istd = {**common, "models": models, "prompts_file": str(Path(e.prompts_file).resolve()), "repeats": int(e.repeats),
+    prompts = Path(e.prompts_file).expanduser()
+    if not prompts.is_absolute() and not prompts.exists():  # relative to the repository, wherever we run
+        prompts = REPO_CONFIG.parents[1] / prompts
+    istd = {**common, "models": models, "prompts_file": str(prompts.resolve()), "repeats": int(e.repeats),
             "frames": int(e.frames), "seed": int(e.seed), "batch_prompts": int(e.batch_prompts),
             "metrics": {"digits": True}, "fid_data": inputs.data_spec("digits"), "fid_num_images": int(e.fid_num_images),
             "grids": int(e.grids)}
