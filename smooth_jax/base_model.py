@@ -274,7 +274,7 @@ def train(cfg, *, progress: bool = True, log: Callable | None = None) -> tuple[S
     mean, std = latent_moments(sd, vae, images)
     scale = float(1.0 / np.std(mean))
     sd.configs["vae"]["scaling_factor"] = scale
-    rec = _reconstruction_mse(sd, vae, images)
+    rec = _reconstruction_mse(sd, vae, mean, images)
     record["autoencoder"] = {**ae_final, "reconstruction_mse": rec, "scaling_factor": scale, "seconds": time.time() - t0}
 
     t0 = time.time()
@@ -295,12 +295,11 @@ def train(cfg, *, progress: bool = True, log: Callable | None = None) -> tuple[S
     return sd, record
 
 
-def _reconstruction_mse(sd, vae_params, images: np.ndarray) -> float:
-    @jax.jit
-    def rec(x):
-        return sd.decode_latents(vae_params, sd.encode_images(vae_params, x))
-
-    out = np.concatenate([np.asarray(rec(jnp.asarray(images[i : i + 256]))) for i in range(0, len(images), 256)])
+def _reconstruction_mse(sd, vae_params, mean: np.ndarray, images: np.ndarray) -> float:
+    """MSE of decoding each image's posterior mean (unscaled, from ``latent_moments``)."""
+    decode = jax.jit(sd.decode_latents)
+    out = np.concatenate([np.asarray(decode(vae_params, jnp.asarray(mean[i : i + 256]) * sd.latent_scaling))
+                          for i in range(0, len(mean), 256)])
     return float(np.mean((out - images) ** 2))
 
 
@@ -393,10 +392,5 @@ def read_provenance(folder: str | os.PathLike) -> dict:
 def with_overrides(cfg, overrides: dict) -> ml_collections.ConfigDict:
     """A copy of ``cfg`` with dotted-key overrides applied (tests shrink the step counts)."""
     out = copy.deepcopy(cfg)
-    for key, value in overrides.items():
-        node = out
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    out.update_from_flattened_dict(overrides)
     return out

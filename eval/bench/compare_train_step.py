@@ -48,9 +48,9 @@ def _parse():
 ARGS = _parse() if __name__ == "__main__" else None
 if ARGS is not None:  # before jax is imported
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={ARGS.jax_devices}".strip()
+    from smooth_jax import runtime
+
+    runtime.split_host_devices(ARGS.jax_devices)
 
 sys.path.insert(0, str(HERE))
 

@@ -75,9 +75,9 @@ def _unet_config(model: str) -> dict:
 
 def _child_jax(model: str, remat: str, batch: int) -> dict:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=1".strip()
+    from smooth_jax import runtime
+
+    runtime.split_host_devices(1)
     import jax
     import jax.numpy as jnp
     import numpy as np
