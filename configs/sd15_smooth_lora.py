@@ -25,6 +25,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.lora.alpha = 8.0  # scale = alpha / rank = 1, as the authors
     c.lora.targets = tuple(DEFAULT_TARGETS)
     c.lora.init_from = ""  # a LoRA file to start from (any format); "" = fresh
+    # How the step applies each LoRA module (same values): "factored" x W + s (x down) up, a cheap LoRA
+    # gradient for wide layers; "merged" (W + s down up); "auto" picks the cheaper per module (lora.split_forms)
+    c.lora.train_form = "auto"
 
     c.objective = ml_collections.ConfigDict()
     c.objective.reg_weight = 1.0  # lambda

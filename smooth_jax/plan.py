@@ -300,30 +300,36 @@ def count_flops(jaxpr) -> float:
     """Matmul and convolution FLOPs (2 per multiply-add) of a closed jaxpr, scan bodies times
     their length. Elementwise work is left out: the count is a lower bound of what a compiler's
     cost analysis reports."""
+    return sum(count_flops_by_kind(jaxpr).values())
+
+
+def count_flops_by_kind(jaxpr) -> dict[str, float]:
+    """``count_flops`` split into {"dot": matmuls (attention, projections), "conv": convolutions}."""
     import jax
 
-    def walk(jx) -> float:
-        total = 0.0
+    def walk(jx) -> dict[str, float]:
+        total = {"dot": 0.0, "conv": 0.0}
         for eqn in jx.eqns:
             name = eqn.primitive.name
             if name == "dot_general":
-                total += _dot_flops(eqn)
+                total["dot"] += _dot_flops(eqn)
             elif name == "conv_general_dilated":
-                total += _conv_flops(eqn) / max(1, int(eqn.params.get("batch_group_count", 1)))
-            sub = 0.0
+                total["conv"] += _conv_flops(eqn) / max(1, int(eqn.params.get("batch_group_count", 1)))
+            sub = {"dot": 0.0, "conv": 0.0}
             for p in eqn.params.values():
                 for j in (p if isinstance(p, (list, tuple)) else [p]):
-                    if isinstance(j, jax.extend.core.ClosedJaxpr):
-                        sub += walk(j.jaxpr)
-                    elif isinstance(j, jax.extend.core.Jaxpr):
-                        sub += walk(j)
+                    inner = j.jaxpr if isinstance(j, jax.extend.core.ClosedJaxpr) else j
+                    if isinstance(inner, jax.extend.core.Jaxpr):
+                        sub = {k: sub[k] + v for k, v in walk(inner).items()}
             if name == "scan":
-                sub *= int(eqn.params["length"])
+                factor = int(eqn.params["length"])
             elif name == "while":
-                sub = 0.0  # unknown trip count; the train step has none
+                factor = 0  # unknown trip count; the train step has none
             elif name == "cond":
-                sub = sub / max(1, len(eqn.params["branches"]))  # average of the branches
-            total += sub
+                factor = 1 / max(1, len(eqn.params["branches"]))  # average of the branches
+            else:
+                factor = 1
+            total = {k: total[k] + factor * sub[k] for k in total}
         return total
 
     return walk(jaxpr.jaxpr)
@@ -463,30 +469,50 @@ class Planner:
         return r
 
 
-def search_batch(fits: Callable[[int], bool], max_batch: int = 256, refine: bool = True) -> tuple[int, list[int]]:
-    """Largest per-device batch b <= max_batch with ``fits(b)``: doubles from 1 and stops at the
-    first batch that does not fit, then (``refine``) bisects between the last fit and that one.
-    Returns (largest fitting batch or 0, the batches tried in order)."""
+def search_batch(measure: Callable[[int], tuple[bool, int]], hbm_bytes: int, max_batch: int = 256,
+                 refine: bool = True) -> tuple[int, list[int]]:
+    """Largest per-device batch b <= max_batch that fits, with few compiles.
+
+    ``measure(b)`` compiles batch b and returns (fits, total bytes; 0 when the compile itself
+    overflowed). A step's memory is close to affine in the batch (weights + b x activations), so
+    after batches 1 and 2 the line through the two largest measured batches predicts the largest
+    fitting batch, and the next compile tests it (then b+1, to prove it is the largest). Where the
+    prediction is off (XLA's scheduling is not exactly linear) the bracket [largest fit, smallest
+    non-fit] shrinks with each compile, bisecting when the line says nothing useful. An exact
+    prediction costs 4 compiles (1, 2, b, b+1) where doubling + bisection costs ~2 log2(b).
+    ``refine=False``: powers of two only. Returns (largest fitting batch or 0, batches tried)."""
     tried: list[int] = []
-    ok, b = 0, 1
-    bad = None
-    while b <= max_batch:
+    mem: dict[int, int] = {}  # batch -> total bytes, from every compile that reported them
+    lo, hi = 0, max_batch + 1  # lo fits (0: nothing yet); hi does not (max_batch + 1: none seen)
+
+    def probe(b: int) -> bool:
+        nonlocal lo, hi
         tried.append(b)
-        if not fits(b):
-            bad = b
-            break
-        ok, b = b, b * 2
-    if refine and bad is not None and ok:
-        lo, hi = ok, bad
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            tried.append(mid)
-            if fits(mid):
-                lo = mid
-            else:
-                hi = mid
-        ok = lo
-    return ok, tried
+        ok, total = measure(b)
+        if total:
+            mem[b] = int(total)
+        if ok:
+            lo = b
+        else:
+            hi = b
+        return ok
+
+    if not refine:
+        b = 1
+        while b <= max_batch and probe(b):
+            b *= 2
+        return lo, tried
+    for b in (1, 2):
+        if b > max_batch or not probe(b):
+            return lo, tried
+    while hi - lo > 1:
+        (b0, m0), (b1, m1) = sorted(mem.items())[-2:]
+        slope = (m1 - m0) / (b1 - b0)
+        guess = b1 + int((hbm_bytes - m1) // slope) if slope > 0 else 2 * lo
+        if guess >= hi:  # the line overshoots a known failure: bisect; past max_batch: try it
+            guess = max_batch if hi > max_batch else (lo + hi) // 2
+        probe(min(max(guess, lo + 1), hi - 1))
+    return lo, tried
 
 
 # --- report -------------------------------------------------------------------------------
@@ -579,21 +605,28 @@ def run(args, overrides: Sequence[str] = (), planner: Planner | None = None) -> 
         raise ValueError("run(): the planner was made for another model, resolution or inputs.")
     hbm = int(args.hbm_gib * GiB) if args.hbm_gib else None
 
+    results, search_rows, compiled = [], [], []
+
     def compile_one(*a, **kw):
         r = planner.compile(*a, hbm_bytes=hbm, **kw)
         bar.update(1)
+        compiled.append(r)
+        if getattr(args, "out", None):  # SD-1.5 compiles take minutes: keep what is done on disk
+            write_outputs(args.out, compiled, search_rows, partial=True)
         return r
 
-    results, search_rows = [], []
     steps = {"reg": [True], "plain": [False], "both": [True, False]}[args.step]
     for name in names:
         for remat in args.remat:
             for dtype in args.dtype:
                 if args.search:
-                    def fits(b, name=name, remat=remat, dtype=dtype):
-                        return compile_one(name, b, remat, dtype).fits
+                    def measure(b, name=name, remat=remat, dtype=dtype):
+                        r = compile_one(name, b, remat, dtype)
+                        return r.fits, r.total_bytes
 
-                    best, tried = search_batch(fits, max_batch=args.max_batch, refine=not args.no_refine)
+                    target_hbm = hbm or TARGETS[name].hbm_bytes
+                    best, tried = search_batch(measure, target_hbm, max_batch=args.max_batch,
+                                               refine=not args.no_refine)
                     results.extend(planner.compile(name, b, remat, dtype, hbm_bytes=hbm) for b in tried)
                     best_r = planner.compile(name, best, remat, dtype, hbm_bytes=hbm) if best else None
                     row = {"target": name, "remat": remat, "compute_dtype": dtype, "max_batch": best, "tried": tried,
@@ -616,14 +649,21 @@ def cmd_plan(args, overrides) -> int:
     return 0
 
 
-def write_outputs(out: str | Path, results: Sequence[Result], search_rows: Sequence[dict] = ()) -> tuple[Path, Path]:
-    """plan.md (the tables) and plan.json (every number, and the targets' chip figures)."""
+def write_outputs(out: str | Path, results: Sequence[Result], search_rows: Sequence[dict] = (),
+                  partial: bool = False) -> tuple[Path, Path]:
+    """plan.md (the tables) and plan.json (every number, and the targets' chip figures), written
+    atomically; ``partial``: the run is still going (marked in both files)."""
+    from smooth_jax.fileio import atomic_write
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "plan.md").write_text(report_markdown(results, search_rows))
-    payload = {"results": [dataclasses.asdict(r) for r in results], "search": list(search_rows),
-               "targets": {n: dataclasses.asdict(t) for n, t in TARGETS.items()}}
-    (out / "plan.json").write_text(json.dumps(payload, indent=1, default=str))
+    md = report_markdown(results, search_rows)
+    if partial:
+        md = f"(partial: {len(results)} compile(s) done so far, the plan is still running)\n\n" + md
+    atomic_write(out / "plan.md", md.encode())
+    payload = {"complete": not partial, "results": [dataclasses.asdict(r) for r in results],
+               "search": list(search_rows), "targets": {n: dataclasses.asdict(t) for n, t in TARGETS.items()}}
+    atomic_write(out / "plan.json", json.dumps(payload, indent=1, default=str).encode())
     return out / "plan.md", out / "plan.json"
 
 

@@ -79,10 +79,24 @@ REMAT_POLICIES = {
 }
 
 
-def _unet_fn(sd, remat: str):
+def _unet_fn(sd, remat: str, form: str, scale: float):
+    """``unet(base_params, lora_tree, x, t, ctx) -> eps`` under the ``remat`` policy, with each
+    LoRA module merged into its kernel or run as its own low-rank path (``lora.factored``), as
+    ``form`` says ("auto": whichever makes the LoRA gradient cheaper, per module; the function is
+    the same either way)."""
     if remat not in REMAT_POLICIES:
         raise ValueError(f"train.remat={remat!r}: choose one of {sorted(REMAT_POLICIES)}.")
-    fn = lambda params, x, t, ctx: sd.unet_apply(params, x, t, ctx)  # noqa: E731
+    if form not in lora.TRAIN_FORMS:
+        raise ValueError(f"lora.train_form={form!r}: choose one of {lora.TRAIN_FORMS}.")
+
+    def fn(base, lora_tree, x, t, ctx):
+        merged_part, factored_part = lora.split_forms(lora_tree, form)
+        params = lora.merge(base, merged_part, scale) if merged_part else base
+        if not factored_part:
+            return sd.unet_apply(params, x, t, ctx)
+        with lora.factored(factored_part, scale):
+            return sd.unet_apply(params, x, t, ctx)
+
     if remat == "none":
         return fn
     return jax.checkpoint(fn, policy=REMAT_POLICIES[remat])
@@ -99,7 +113,7 @@ def make_micro_loss(sd, config: ml_collections.ConfigDict, *, regularize: bool) 
     decay = float(config.objective.ema_decay)
     abar_table = jnp.asarray(sd.schedule.alphas_cumprod, jnp.float32)
     num_t = sd.schedule.num_train_timesteps
-    unet = _unet_fn(sd, config.train.remat)
+    unet = _unet_fn(sd, config.train.remat, config.lora.get("train_form", "auto"), scale)
     if config.train.latents not in ("sample", "mean"):
         raise ValueError(f"train.latents={config.train.latents!r}: choose 'sample' or 'mean'.")
     sample_posterior = config.train.latents == "sample"
@@ -116,8 +130,7 @@ def make_micro_loss(sd, config: ml_collections.ConfigDict, *, regularize: bool) 
         t = jax.random.randint(k_t, (b,), 0, num_t)
         abar = abar_table[t]
         eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
-        params = lora.merge(frozen["unet"], lora_tree, scale)
-        eps_fn = lambda x_t: unet(params, x_t, t, ctx)  # noqa: E731
+        eps_fn = lambda x_t: unet(frozen["unet"], lora_tree, x_t, t, ctx)  # noqa: E731
         if regularize:
             u = objective.sample_direction(k_u, x0.shape)
             out = objective.smooth_loss(eps_fn, x0, eps, abar, u, ema_a, reg_weight=reg_weight, ema_decay=decay)

@@ -7,6 +7,7 @@ latents at 16 px, so each compile is small. One TPU target (v5p-8, 4 chips) and 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 
@@ -17,10 +18,14 @@ import pytest
 
 from smooth_jax import plan
 
-pytest.importorskip("libtpu", reason="the plan extra is not installed (pip install -e '.[plan]')")
+# Each TPU/GPU compile of the tiny regularized step takes ~40-60 s on an idle 2-core CPU. They need
+# the plan extra (libtpu, the CUDA compiler plugin); .ci/run installs it in a venv of its own.
+_HAVE_PLAN = importlib.util.find_spec("libtpu") is not None
 
-# Each TPU/GPU compile of the tiny regularized step takes ~40-60 s on an idle 2-core CPU.
-compiles = pytest.mark.slow
+
+def compiles(fn):
+    reason = "the plan extra is not installed (pip install -e '.[plan]')"
+    return pytest.mark.slow(pytest.mark.skipif(not _HAVE_PLAN, reason=reason)(fn))
 
 TPU, GPU = "v5p-8", "8xa100"
 RES, INPUTS, DTYPE = 16, "latents", "float32"
@@ -125,18 +130,39 @@ def test_predicted_step_time_is_the_roofline():
     assert plan.predicted_step_time(1e9, 4e12, 1e12, 2e12) == (1e-3, 2.0, 2.0)
 
 
-def test_batch_search_stops_at_the_first_batch_that_does_not_fit():
+def _affine_memory(a: int, c: int, hbm: int, curve: float = 0.0):
     calls = []
 
-    def fits(b):
+    def measure(b):
         calls.append(b)
-        return b <= 5
+        total = a + c * b + curve * b * b
+        return total <= hbm, total
 
-    assert plan.search_batch(fits, refine=False) == (4, [1, 2, 4, 8])
-    assert calls == [1, 2, 4, 8]
-    assert plan.search_batch(fits) == (5, [1, 2, 4, 8, 6, 5])
-    assert plan.search_batch(lambda b: False) == (0, [1])
-    assert plan.search_batch(lambda b: True, max_batch=4) == (4, [1, 2, 4])
+    return measure, calls
+
+
+def _largest_fitting(a, c, hbm, curve=0.0, max_batch=256):
+    return max([0] + [b for b in range(1, max_batch + 1) if a + c * b + curve * b * b <= hbm])
+
+
+@pytest.mark.parametrize("a,c,hbm,curve", [(10, 3, 100, 0), (10, 3, 100, 0.2), (10, 3, 5, 0), (10, 3, 14, 0),
+                                           (10, 3, 10_000, 0), (10, 0, 100, 0), (50, 30, 95, 0),
+                                           (7, 5, 1000, -0.01), (100, 1, 400, 0.05)])
+def test_batch_search_finds_the_largest_fitting_batch(a, c, hbm, curve):
+    measure, calls = _affine_memory(a, c, hbm, curve)
+    best, tried = plan.search_batch(measure, hbm)
+    assert best == _largest_fitting(a, c, hbm, curve)
+    assert tried == calls and len(set(tried)) == len(tried)  # no batch compiled twice
+
+
+def test_batch_search_on_affine_memory_takes_four_compiles():
+    """1 and 2 give the line; its prediction and prediction + 1 prove the answer."""
+    measure, _ = _affine_memory(10, 3, 100)
+    assert plan.search_batch(measure, 100) == (30, [1, 2, 30, 31])
+    measure, _ = _affine_memory(10, 3, 10_000)
+    assert plan.search_batch(measure, 10_000, max_batch=64) == (64, [1, 2, 64])
+    measure, _ = _affine_memory(10, 3, 100)
+    assert plan.search_batch(measure, 100, refine=False) == (16, [1, 2, 4, 8, 16, 32])
 
 
 @compiles

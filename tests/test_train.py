@@ -111,6 +111,80 @@ def test_remat_policies_do_not_change_the_numbers(tiny_sd):
         train.make_micro_loss(tiny_sd, c, regularize=True)
 
 
+def test_lora_train_forms_give_the_same_numbers_and_the_closed_form_flops(tiny_sd):
+    """lora.train_form "merged", "factored" and "auto" are one function: same loss and LoRA gradient
+    (plain and regularized). Their cost differs as counted in closed form: per targeted layer with
+    N tokens, fan-in i, fan-out o, rank r, the plain loss's gradient through a merged kernel costs
+    2 N i o (x^T dy) + 6 i r o (merge, and dW to down and up), factored 6 N r (i + o) less 2 N r i
+    where the layer's input carries no derivative (cross-attention keys/values read the text; the
+    first self-attention's q/k/v read the conv path), as neither form then forms dx."""
+    from smooth_jax import plan
+
+    c = tiny_config(**{"train.latents": "mean"})
+    spec = lora.LoraSpec(rank=c.lora.rank, alpha=c.lora.alpha)
+    tree = lora.random_like(jax.random.PRNGKey(5), lora.init(jax.random.PRNGKey(4), tiny_sd.params["unet"], spec), 0.05)
+    micro = {k: v[0] for k, v in _batch(tiny_sd).items()}
+    out, flops = {}, {}
+    for form in ("factored", "merged", "auto"):
+        c.lora.train_form = form
+        for reg in (True, False):
+            f = jax.value_and_grad(train.make_micro_loss(tiny_sd, c, regularize=reg), has_aux=True)
+            args = (tree, _frozen(tiny_sd), micro, jnp.float32(0.2), jax.random.PRNGKey(0))
+            (loss, aux), g = jax.jit(f)(*args)
+            out[form, reg] = (float(loss), float(aux.penalty), _leaves(g))
+            flops[form, reg] = plan.count_flops(jax.make_jaxpr(f)(*args))
+    for form in ("factored", "auto"):
+        for reg in (True, False):
+            np.testing.assert_allclose(out[form, reg][:2], out["merged", reg][:2], rtol=1e-5)
+            for a, b in zip(out[form, reg][2], out["merged", reg][2]):
+                np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * np.abs(b).max())
+    assert out["merged", True][1] > 0
+
+    # Tokens and shapes of every targeted Dense call, recorded while the UNet runs.
+    import flax.linen as nn
+
+    mods, calls = lora.modules(tree), []
+
+    def record(next_fun, args, kwargs, context):
+        path = "/".join(context.module.path)
+        if context.method_name == "__call__" and path in mods:
+            x = args[0]
+            calls.append((path, int(np.prod(x.shape[:-1])), x.shape[-1], context.module.features))
+        return next_fun(*args, **kwargs)
+
+    x0 = tiny_sd.encode_images(tiny_sd.params["vae"], micro["images"])
+    ctx = tiny_sd.encode_text(tiny_sd.params["text_encoder"], micro["input_ids"])
+    with nn.intercept_methods(record):
+        tiny_sd.unet_apply(tiny_sd.params["unet"], x0, jnp.array([10, 500]), ctx)
+    assert len(calls) == len(mods)
+    r = c.lora.rank
+    first_attn1 = calls[0][0].rsplit("/", 1)[0]
+    assert first_attn1.endswith("attn1")
+
+    def no_input_derivative(path):
+        return path.rsplit("/", 1)[0] == first_attn1 and not path.endswith("to_out_0") or (
+            "/attn2/" in path and path.endswith(("to_k", "to_v")))
+
+    merged_cost = sum(2 * n * i * o + 6 * i * r * o for _, n, i, o in calls)
+    factored_cost = sum(6 * n * r * (i + o) - (2 * n * r * i if no_input_derivative(p) else 0) for p, n, i, o in calls)
+    np.testing.assert_allclose(flops["merged", False] - flops["factored", False], merged_cost - factored_cost, rtol=1e-6)
+    # auto chooses per layer, so it costs no more than either form, in both losses.
+    for reg in (True, False):
+        assert flops["auto", reg] <= min(flops["merged", reg], flops["factored", reg])
+    assert flops["auto", False] < min(flops["merged", False], flops["factored", False])  # tiny mixes 32/64 widths
+
+
+def test_factored_lora_with_paths_the_model_lacks_is_an_error(tiny_sd, unet_inputs):
+    tree = lora.init(jax.random.PRNGKey(4), tiny_sd.params["unet"], lora.LoraSpec(rank=2, alpha=2))
+    bad = dict(lora.flatten(tree))
+    bad["mid_block/attentions_7/attn1/to_q/down"] = jnp.zeros((32, 2))
+    bad["mid_block/attentions_7/attn1/to_q/up"] = jnp.zeros((2, 32))
+    latents, t, ctx = unet_inputs
+    with pytest.raises(ValueError, match=r"1 LoRA module\(s\) matched no Dense.*mid_block/attentions_7/attn1/to_q"):
+        with lora.factored(lora.unflatten(bad), 1.0):
+            tiny_sd.unet_apply(tiny_sd.params["unet"], latents, t, ctx)
+
+
 def test_bf16_compute_keeps_fp32_lora_and_close_losses(tiny_sd):
     from smooth_jax.models import StableDiffusion
 
