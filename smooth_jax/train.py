@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from smooth_jax import export, lora, objective, sharding
+from smooth_jax import attention, export, lora, objective, sharding
 
 # --- state --------------------------------------------------------------------------------
 
@@ -79,11 +79,13 @@ REMAT_POLICIES = {
 }
 
 
-def _unet_fn(sd, remat: str, form: str, scale: float):
+def _unet_fn(sd, remat: str, form: str, scale: float, attention_kind: str = "chunked",
+             query_chunk: int = attention.DEFAULT_QUERY_CHUNK):
     """``unet(base_params, lora_tree, x, t, ctx) -> eps`` under the ``remat`` policy, with each
     LoRA module merged into its kernel or run as its own low-rank path (``lora.factored``), as
     ``form`` says ("auto": whichever makes the LoRA gradient cheaper, per module; the function is
-    the same either way)."""
+    the same either way), attention computed as ``attention_kind`` says (``attention.use_attention``)."""
+    attention.attention_fn(attention_kind)  # validates the name
     if remat not in REMAT_POLICIES:
         raise ValueError(f"train.remat={remat!r}: choose one of {sorted(REMAT_POLICIES)}.")
     if form not in lora.TRAIN_FORMS:
@@ -92,10 +94,11 @@ def _unet_fn(sd, remat: str, form: str, scale: float):
     def fn(base, lora_tree, x, t, ctx):
         merged_part, factored_part = lora.split_forms(lora_tree, form)
         params = lora.merge(base, merged_part, scale) if merged_part else base
-        if not factored_part:
-            return sd.unet_apply(params, x, t, ctx)
-        with lora.factored(factored_part, scale):
-            return sd.unet_apply(params, x, t, ctx)
+        with attention.use_attention(attention_kind, query_chunk):
+            if not factored_part:
+                return sd.unet_apply(params, x, t, ctx)
+            with lora.factored(factored_part, scale):
+                return sd.unet_apply(params, x, t, ctx)
 
     if remat == "none":
         return fn
@@ -113,7 +116,9 @@ def make_micro_loss(sd, config: ml_collections.ConfigDict, *, regularize: bool) 
     decay = float(config.objective.ema_decay)
     abar_table = jnp.asarray(sd.schedule.alphas_cumprod, jnp.float32)
     num_t = sd.schedule.num_train_timesteps
-    unet = _unet_fn(sd, config.train.remat, config.lora.get("train_form", "auto"), scale)
+    unet = _unet_fn(sd, config.train.remat, config.lora.get("train_form", "auto"), scale,
+                    config.train.get("attention", "chunked"),
+                    int(config.train.get("attention_chunk", attention.DEFAULT_QUERY_CHUNK)))
     if config.train.latents not in ("sample", "mean"):
         raise ValueError(f"train.latents={config.train.latents!r}: choose 'sample' or 'mean'.")
     sample_posterior = config.train.latents == "sample"

@@ -42,6 +42,9 @@ def _parse():
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all cores)")
     p.add_argument("--jax-devices", type=int, default=1, help="XLA CPU devices the batch is sharded over")
     p.add_argument("--no-flops", action="store_true", help="skip PyTorch's FlopCounterMode pass")
+    p.add_argument("--train-forms", nargs="+", default=["auto"], choices=["auto", "factored", "merged"],
+                   help="smooth-jax lora.train_form(s) to time; the first is compared with PyTorch "
+                        "(e.g. --train-forms auto merged: what applying the LoRA unmerged gains)")
     return p.parse_args()
 
 
@@ -76,12 +79,13 @@ def compile_uncached(lowered):
         cc.reset_cache()
 
 
-def _config(model: str, rank: int):
+def _config(model: str, rank: int, form: str = "auto"):
     from smooth_jax import config_loader
 
     c = config_loader.load_config(ROOT / "configs" / "tiny.py")
     c.model, c.train.remat, c.train.compute_dtype, c.train.grad_accum = model, "none", "float32", 1
     c.lora.rank, c.lora.alpha = rank, float(rank)
+    c.lora.train_form = form
     c.train.lr = 1e-4
     return c
 
@@ -155,8 +159,7 @@ def _fmt_flops(f: float) -> str:
 def bench_model(model: str, args) -> list[str]:
     from smooth_jax import lora, train
 
-    c = _config(model, args.rank)
-    sd = train.load_model(c)
+    sd = train.load_model(_config(model, args.rank))
     s = sd.configs["unet"]["sample_size"]
     rng = np.random.default_rng(0)
     x0 = rng.standard_normal((args.batch, sd.latent_channels, s, s)).astype(np.float32)
@@ -165,11 +168,12 @@ def bench_model(model: str, args) -> list[str]:
     tree = lora.as_numpy(lora.init(jax.random.PRNGKey(0), sd.params["unet"], spec))
     n_params = lora.count(tree)
 
-    jx = _jax_side(sd, c, tree, x0, ctx, args.jax_devices)
-    th = _torch_side(sd, tree, x0, ctx, args.rank, not args.no_flops)
-    times = {(fw, k): [] for fw in ("jax", "torch") for k in ("plain", "smooth")}
+    forms = list(dict.fromkeys(args.train_forms))
+    sides = {f"jax:{f}": _jax_side(sd, _config(model, args.rank, f), tree, x0, ctx, args.jax_devices) for f in forms}
+    sides["torch"] = _torch_side(sd, tree, x0, ctx, args.rank, not args.no_flops)
+    times = {(fw, k): [] for fw in sides for k in ("plain", "smooth")}
     for _ in range(args.rounds):
-        for fw, side in (("jax", jx), ("torch", th)):
+        for fw, side in sides.items():
             for kind in ("plain", "smooth"):
                 for _ in range(args.steps):
                     t0 = time.perf_counter()
@@ -177,25 +181,33 @@ def bench_model(model: str, args) -> list[str]:
                     times[(fw, kind)].append(time.perf_counter() - t0)
     med = {key: statistics.median(v) for key, v in times.items()}
     spread = {key: (min(v), max(v)) for key, v in times.items()}
+    label = {fw: "PyTorch" if fw == "torch" else f"smooth-jax (lora.train_form={fw[4:]})" for fw in sides}
 
     lines = [f"\n### model `{model}` (UNet {sum(x.size for x in jax.tree_util.tree_leaves(sd.params['unet'])) / 1e6:.1f}M params, "
              f"latents {args.batch}x{sd.latent_channels}x{s}x{s}, LoRA rank {args.rank}: {n_params:,} params)\n",
              "| framework | step | s/step (median) | min..max | steps/s | compile s | GFLOP/step |",
              "|---|---|---|---|---|---|---|"]
-    for fw, side in (("smooth-jax", jx), ("PyTorch", th)):
-        key = "jax" if fw == "smooth-jax" else "torch"
-        for kind, label in (("plain", "plain LoRA"), ("smooth", "Smooth (regularized)")):
-            m = med[(key, kind)]
-            lo, hi = spread[(key, kind)]
+    for fw, side in sides.items():
+        for kind, kind_label in (("plain", "plain LoRA"), ("smooth", "Smooth (regularized)")):
+            m = med[(fw, kind)]
+            lo, hi = spread[(fw, kind)]
             comp = f"{side[kind]['compile_s']:.1f}" if "compile_s" in side[kind] else "-"
-            lines.append(f"| {fw} | {label} | {m:.4f} | {lo:.4f}..{hi:.4f} | {1 / m:.2f} | {comp} | {_fmt_flops(side[kind]['flops'])} |")
-    lines += ["", "| ratio | plain LoRA | Smooth (regularized) |", "|---|---|---|",
-              f"| PyTorch s/step / smooth-jax s/step (>1: JAX faster) | {med[('torch', 'plain')] / med[('jax', 'plain')]:.2f} | "
-              f"{med[('torch', 'smooth')] / med[('jax', 'smooth')]:.2f} |",
-              "", "| regularizer overhead (regularized / plain s/step) | smooth-jax | PyTorch |", "|---|---|---|",
-              f"| time | {med[('jax', 'smooth')] / med[('jax', 'plain')]:.2f} | {med[('torch', 'smooth')] / med[('torch', 'plain')]:.2f} |",
-              f"| FLOPs | {jx['smooth']['flops'] / jx['plain']['flops']:.2f} | "
-              f"{th['smooth']['flops'] / th['plain']['flops']:.2f} |"]
+            lines.append(f"| {label[fw]} | {kind_label} | {m:.4f} | {lo:.4f}..{hi:.4f} | {1 / m:.2f} | {comp} "
+                         f"| {_fmt_flops(side[kind]['flops'])} |")
+    first = f"jax:{forms[0]}"
+    lines += ["", "| ratio | plain LoRA | Smooth (regularized) |", "|---|---|---|"]
+    for fw in sides:
+        if fw != "torch":
+            lines.append(f"| PyTorch s/step / {label[fw]} s/step (>1: JAX faster) | "
+                         f"{med[('torch', 'plain')] / med[(fw, 'plain')]:.2f} | {med[('torch', 'smooth')] / med[(fw, 'smooth')]:.2f} |")
+    for fw in sides:
+        if fw not in ("torch", first):
+            lines.append(f"| {label[fw]} s/step / {label[first]} s/step | {med[(fw, 'plain')] / med[(first, 'plain')]:.2f} "
+                         f"| {med[(fw, 'smooth')] / med[(first, 'smooth')]:.2f} |")
+    lines += ["", "| regularizer overhead (regularized / plain) | " + " | ".join(label[fw] for fw in sides) + " |",
+              "|---|" + "---|" * len(sides),
+              "| time | " + " | ".join(f"{med[(fw, 'smooth')] / med[(fw, 'plain')]:.2f}" for fw in sides) + " |",
+              "| FLOPs | " + " | ".join(f"{sides[fw]['smooth']['flops'] / sides[fw]['plain']['flops']:.2f}" for fw in sides) + " |"]
     return lines
 
 
