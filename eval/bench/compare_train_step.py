@@ -15,7 +15,8 @@ Eigen thread pool spans all cores; ``--jax-devices 2`` instead shards the batch 
 The kinds are timed interleaved in ``--rounds`` rounds of ``--steps`` steps each (the machine may
 be shared), and every number is the median step. Prints a markdown table with s/step, steps/s, the
 JAX compile time (ahead-of-time ``lower().compile()``, bypassing the persistent cache),
-the HLO FLOPs of the JAX step (``cost_analysis``), PyTorch's FLOPs (``FlopCounterMode``), and the
+matmul + convolution FLOPs on both sides (JAX: counted from the step's jaxpr, loops times their
+length; PyTorch: ``FlopCounterMode``), and the
 ratios: PyTorch time / JAX time per step kind (> 1: JAX faster) and regularized / plain per framework.
 """
 
@@ -42,9 +43,10 @@ def _parse():
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads (default: all cores)")
     p.add_argument("--jax-devices", type=int, default=1, help="XLA CPU devices the batch is sharded over")
     p.add_argument("--no-flops", action="store_true", help="skip PyTorch's FlopCounterMode pass")
-    p.add_argument("--train-forms", nargs="+", default=["auto"], choices=["auto", "factored", "merged"],
-                   help="smooth-jax lora.train_form(s) to time; the first is compared with PyTorch "
-                        "(e.g. --train-forms auto merged: what applying the LoRA unmerged gains)")
+    p.add_argument("--variants", nargs="+", default=[""], metavar="KEY=VALUE,...",
+                   help="smooth-jax configs to time, each a comma list of config overrides ('' = the defaults); "
+                        "the first is compared with the others, e.g. --variants '' "
+                        "'lora.train_form=merged,train.attention=xla' (the step before either optimization)")
     return p.parse_args()
 
 
@@ -79,20 +81,21 @@ def compile_uncached(lowered):
         cc.reset_cache()
 
 
-def _config(model: str, rank: int, form: str = "auto"):
+def _config(model: str, rank: int, variant: str = ""):
     from smooth_jax import config_loader
 
     c = config_loader.load_config(ROOT / "configs" / "tiny.py")
     c.model, c.train.remat, c.train.compute_dtype, c.train.grad_accum = model, "none", "float32", 1
     c.lora.rank, c.lora.alpha = rank, float(rank)
-    c.lora.train_form = form
     c.train.lr = 1e-4
+    overrides = [f"--config.{kv.strip()}" for kv in variant.split(",") if kv.strip()]
+    c = config_loader.apply_overrides(c, overrides)
     return c
 
 
 def _jax_side(sd, c, tree, x0, ctx, n_dev):
     """{kind: (compile_s, flops, step_fn, state)} for kinds plain/smooth."""
-    from smooth_jax import sharding, train
+    from smooth_jax import plan, sharding, train
 
     frozen = {"unet": sd.params["unet"]}
     batch = {"latents": jnp.asarray(x0[None]), "context": jnp.asarray(ctx[None])}
@@ -103,11 +106,11 @@ def _jax_side(sd, c, tree, x0, ctx, n_dev):
     out = {}
     for kind, regularize in (("plain", False), ("smooth", True)):
         state = jax.device_put(train.create_train_state(jax.tree_util.tree_map(jnp.copy, tree), tx, jax.random.PRNGKey(1)), rep)
-        fn = jax.jit(train.make_train_step(sd, c, regularize=regularize), donate_argnums=0,
-                     in_shardings=(rep, rep, bsh), out_shardings=(rep, rep))
+        step = train.make_train_step(sd, c, regularize=regularize)
+        fn = jax.jit(step, donate_argnums=0, in_shardings=(rep, rep, bsh), out_shardings=(rep, rep))
         compiled, compile_s = compile_uncached(fn.lower(state, frozen, batch))
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        # Matmul + conv FLOPs of the jaxpr (loops x trip count), what FlopCounterMode counts for PyTorch.
+        flops = plan.count_flops(jax.make_jaxpr(step)(state, frozen, batch))
         holder = {"state": state}
 
         def run(compiled=compiled, holder=holder):
@@ -116,7 +119,7 @@ def _jax_side(sd, c, tree, x0, ctx, n_dev):
             return m
 
         run()  # warm-up
-        out[kind] = {"compile_s": compile_s, "flops": float(cost.get("flops", float("nan"))), "run": run}
+        out[kind] = {"compile_s": compile_s, "flops": flops, "run": run}
     return out
 
 
@@ -168,8 +171,8 @@ def bench_model(model: str, args) -> list[str]:
     tree = lora.as_numpy(lora.init(jax.random.PRNGKey(0), sd.params["unet"], spec))
     n_params = lora.count(tree)
 
-    forms = list(dict.fromkeys(args.train_forms))
-    sides = {f"jax:{f}": _jax_side(sd, _config(model, args.rank, f), tree, x0, ctx, args.jax_devices) for f in forms}
+    variants = list(dict.fromkeys(args.variants))
+    sides = {f"jax:{v}": _jax_side(sd, _config(model, args.rank, v), tree, x0, ctx, args.jax_devices) for v in variants}
     sides["torch"] = _torch_side(sd, tree, x0, ctx, args.rank, not args.no_flops)
     times = {(fw, k): [] for fw in sides for k in ("plain", "smooth")}
     for _ in range(args.rounds):
@@ -181,7 +184,7 @@ def bench_model(model: str, args) -> list[str]:
                     times[(fw, kind)].append(time.perf_counter() - t0)
     med = {key: statistics.median(v) for key, v in times.items()}
     spread = {key: (min(v), max(v)) for key, v in times.items()}
-    label = {fw: "PyTorch" if fw == "torch" else f"smooth-jax (lora.train_form={fw[4:]})" for fw in sides}
+    label = {fw: "PyTorch" if fw == "torch" else f"smooth-jax ({fw[4:] or 'defaults'})" for fw in sides}
 
     lines = [f"\n### model `{model}` (UNet {sum(x.size for x in jax.tree_util.tree_leaves(sd.params['unet'])) / 1e6:.1f}M params, "
              f"latents {args.batch}x{sd.latent_channels}x{s}x{s}, LoRA rank {args.rank}: {n_params:,} params)\n",
@@ -194,7 +197,7 @@ def bench_model(model: str, args) -> list[str]:
             comp = f"{side[kind]['compile_s']:.1f}" if "compile_s" in side[kind] else "-"
             lines.append(f"| {label[fw]} | {kind_label} | {m:.4f} | {lo:.4f}..{hi:.4f} | {1 / m:.2f} | {comp} "
                          f"| {_fmt_flops(side[kind]['flops'])} |")
-    first = f"jax:{forms[0]}"
+    first = f"jax:{variants[0]}"
     lines += ["", "| ratio | plain LoRA | Smooth (regularized) |", "|---|---|---|"]
     for fw in sides:
         if fw != "torch":

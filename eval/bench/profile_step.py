@@ -10,8 +10,10 @@
    runs each with its default attention (the fused flash kernel on CPU) and with the math
    kernel (the one the regularized step must use, as it alone has a double backward).
 2. The two kernels that carry the FLOPs, at the model's first level (the largest activations):
-   a 3x3 convolution and self-attention over its h*w tokens, forward and forward + backward,
-   XLA against PyTorch (oneDNN convolution; flash and math attention).
+   a 3x3 convolution and self-attention over its h*w tokens, forward, forward + backward and
+   (attention) the regularizer's second order, XLA (diffusers' einsum, smooth-jax's chunked kernel)
+   against PyTorch (oneDNN convolution; flash and math attention). ``--kernel-shape N H D`` also
+   times attention at another shape, e.g. SD-1.5's first level: ``--kernel-shape 4096 8 40``.
 3. The share of the step's counted FLOPs in convolutions and in matmuls (jaxpr count).
 
 All fp32 on the CPU, medians of ``--reps`` timed calls after a warm-up, one XLA device, PyTorch with
@@ -38,6 +40,9 @@ def _parse(argv=None):
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
     p.add_argument("--reps", type=int, default=5, help="timed calls per measurement (median)")
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--kernel-shape", nargs=3, type=int, metavar=("TOKENS", "HEADS", "HEAD_DIM"), default=None,
+                   help="also time the attention kernels at this shape (e.g. 4096 8 40: SD-1.5's first level)")
+    p.add_argument("--kernels-only", action="store_true", help="skip the step's parts (table 1 and 3)")
     return p.parse_args(argv)
 
 
@@ -165,41 +170,53 @@ def _heads(unet_config) -> int:
 # --- the kernels ------------------------------------------------------------------------------
 
 
-def kernels(channels: int, hw: int, heads: int, batch: int, reps: int) -> list[str]:
+def kernels(channels: int, hw: int, heads: int, batch: int, reps: int, query_chunk: int = 1024) -> list[str]:
     """3x3 conv C->C on [B,C,hw,hw] and self-attention over hw*hw tokens of width C (``heads``
-    heads), forward and forward + backward (to the input), XLA vs PyTorch."""
+    heads): forward, forward + backward (to the inputs), and the regularizer's second order (the
+    gradient of ||vjp||^2 + <out, w>), XLA (diffusers' einsum path and smooth-jax's chunked
+    kernel) against PyTorch (oneDNN convolution; flash and math attention; only math has a second
+    derivative)."""
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from smooth_jax import attention
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, hw, hw, channels)).astype(np.float32)  # NHWC, as Flax
     w = (rng.standard_normal((3, 3, channels, channels)) / np.sqrt(9 * channels)).astype(np.float32)  # HWIO
     n = hw * hw
     d = channels // heads
-    q, k, v = (rng.standard_normal((batch, heads, n, d)).astype(np.float32) for _ in range(3))
+    q, k, v, wo = (rng.standard_normal((batch, n, heads, d)).astype(np.float32) for _ in range(4))  # [B,n,H,D]
+    scale = d**-0.5
 
     def conv_j(x, w):
         return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-    def attn_j(q, k, v):  # diffusers' Flax attention: einsum, softmax, einsum
-        s_ = jnp.einsum("bhid,bhjd->bhij", q, k) / np.sqrt(d)
-        return jnp.einsum("bhij,bhjd->bhid", jax.nn.softmax(s_, axis=-1), v)
+    def second_order_j(fn):
+        def f(q, k, v):
+            out, vjp = jax.vjp(lambda q_: fn(q_, k, v), q)
+            (g,) = vjp(wj)
+            return jnp.sum(g**2) + jnp.sum(out * wj)
+        return jax.grad(f, argnums=(0, 1, 2))
 
-    jx = {}
-    xj, wj = jnp.asarray(x), jnp.asarray(w)
-    qj, kj, vj = map(jnp.asarray, (q, k, v))
-    jx["conv", "fwd"] = median_time(_jax_block(lambda f=jax.jit(conv_j): f(xj, wj)), reps)
-    jx["conv", "fwd+bwd"] = median_time(_jax_block(
-        lambda f=jax.jit(jax.grad(lambda x, w: jnp.sum(conv_j(x, w) ** 2), argnums=(0, 1))): f(xj, wj)), reps)
-    jx["attn", "fwd"] = median_time(_jax_block(lambda f=jax.jit(attn_j): f(qj, kj, vj)), reps)
-    jx["attn", "fwd+bwd"] = median_time(_jax_block(
-        lambda f=jax.jit(jax.grad(lambda q, k, v: jnp.sum(attn_j(q, k, v) ** 2), argnums=(0, 1, 2))): f(qj, kj, vj)), reps)
+    res = {}
+    xj, wcj = jnp.asarray(x), jnp.asarray(w)
+    qj, kj, vj, wj = map(jnp.asarray, (q, k, v, wo))
+    res["conv", "XLA", "fwd"] = median_time(_jax_block(lambda f=jax.jit(conv_j): f(xj, wcj)), reps)
+    res["conv", "XLA", "fwd+bwd"] = median_time(_jax_block(
+        lambda f=jax.jit(jax.grad(lambda x, w: jnp.sum(conv_j(x, w) ** 2), argnums=(0, 1))): f(xj, wcj)), reps)
+    for label, fn in (("XLA einsum (diffusers)", lambda q, k, v: attention.dense_attention(q, k, v, scale)),
+                      (f"XLA chunked ({attention._chunk(n, query_chunk)} queries)",
+                       lambda q, k, v: attention.chunked_attention(q, k, v, scale, query_chunk))):
+        res["attention", label, "fwd"] = median_time(_jax_block(lambda f=jax.jit(fn): f(qj, kj, vj)), reps)
+        res["attention", label, "fwd+bwd"] = median_time(_jax_block(
+            lambda f=jax.jit(jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) * wj), argnums=(0, 1, 2))): f(qj, kj, vj)), reps)
+        res["attention", label, "2nd order"] = median_time(_jax_block(lambda f=jax.jit(second_order_j(fn)): f(qj, kj, vj)), reps)
 
-    th = {}
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
     wt = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous()
-    qt, kt, vt = map(torch.from_numpy, (q, k, v))
+    qt, kt, vt, wot = (torch.from_numpy(z).transpose(1, 2).contiguous() for z in (q, k, v, wo))  # [B,H,n,D]
 
     def conv_fwd():
         with torch.no_grad():
@@ -209,8 +226,9 @@ def kernels(channels: int, hw: int, heads: int, batch: int, reps: int) -> list[s
         a, b = xt.clone().requires_grad_(True), wt.clone().requires_grad_(True)
         (F.conv2d(a, b, padding=1) ** 2).sum().backward()
 
-    th["conv", "fwd"], th["conv", "fwd+bwd"] = median_time(conv_fwd, reps), median_time(conv_bwd, reps)
-    for backend, label in ((SDPBackend.FLASH_ATTENTION, "flash"), (SDPBackend.MATH, "math")):
+    res["conv", "PyTorch oneDNN", "fwd"], res["conv", "PyTorch oneDNN", "fwd+bwd"] = (
+        median_time(conv_fwd, reps), median_time(conv_bwd, reps))
+    for backend, label in ((SDPBackend.FLASH_ATTENTION, "PyTorch flash"), (SDPBackend.MATH, "PyTorch math")):
         def attn_fwd():
             with torch.no_grad(), sdpa_kernel(backend):
                 F.scaled_dot_product_attention(qt, kt, vt)
@@ -218,19 +236,26 @@ def kernels(channels: int, hw: int, heads: int, batch: int, reps: int) -> list[s
         def attn_bwd():
             a, b, c_ = (z.clone().requires_grad_(True) for z in (qt, kt, vt))
             with sdpa_kernel(backend):
-                (F.scaled_dot_product_attention(a, b, c_) ** 2).sum().backward()
+                (F.scaled_dot_product_attention(a, b, c_) * wot).sum().backward()
 
-        th[f"attn {label}", "fwd"], th[f"attn {label}", "fwd+bwd"] = median_time(attn_fwd, reps), median_time(attn_bwd, reps)
+        def attn_second():
+            a, b, c_ = (z.clone().requires_grad_(True) for z in (qt, kt, vt))
+            with sdpa_kernel(backend):
+                out = F.scaled_dot_product_attention(a, b, c_)
+            (g,) = torch.autograd.grad(out, a, grad_outputs=wot, create_graph=True)
+            ((g**2).sum() + (out * wot).sum()).backward()
+
+        res["attention", label, "fwd"] = median_time(attn_fwd, reps)
+        res["attention", label, "fwd+bwd"] = median_time(attn_bwd, reps)
+        if label == "PyTorch math":
+            res["attention", label, "2nd order"] = median_time(attn_second, reps)
 
     lines = [f"\n## kernels at the first level: conv 3x3 {channels}->{channels} on {batch}x{channels}x{hw}x{hw}; "
              f"self-attention over {n} tokens, {heads} heads of {d}\n",
-             "| kernel | pass | XLA s | PyTorch s | PyTorch / XLA |", "|---|---|---|---|---|"]
-    for pas in ("fwd", "fwd+bwd"):
-        lines.append(f"| conv 3x3 | {pas} | {jx['conv', pas]:.5f} | {th['conv', pas]:.5f} (oneDNN) "
-                     f"| {th['conv', pas] / jx['conv', pas]:.2f} |")
-        for label in ("flash", "math"):
-            lines.append(f"| attention | {pas} | {jx['attn', pas]:.5f} | {th[f'attn {label}', pas]:.5f} ({label}) "
-                         f"| {th[f'attn {label}', pas] / jx['attn', pas]:.2f} |")
+             "| kernel | implementation | fwd s | fwd+bwd s | 2nd order s |", "|---|---|---|---|---|"]
+    for (kernel, impl) in dict.fromkeys((k_[0], k_[1]) for k_ in res):
+        cell = lambda pas: f"{res[kernel, impl, pas]:.5f}" if (kernel, impl, pas) in res else "-"  # noqa: E731
+        lines.append(f"| {kernel} | {impl} | {cell('fwd')} | {cell('fwd+bwd')} | {cell('2nd order')} |")
     return lines
 
 
@@ -246,9 +271,16 @@ def main() -> None:
           f"{os.getloadavg()[0]:.1f} at start; torch {torch.__version__} with {torch.get_num_threads()} threads; "
           f"jax {jax.__version__} on 1 {jax.devices()[0].platform} device; fp32; median of {args.reps} calls.",
           flush=True)
-    lines, level0 = step_parts(args.model, args.batch, args.rank, args.reps)
-    print("\n".join(lines), flush=True)
-    print("\n".join(kernels(level0["channels"], level0["hw"], level0["heads"], args.batch, args.reps)), flush=True)
+    if not args.kernels_only:
+        lines, level0 = step_parts(args.model, args.batch, args.rank, args.reps)
+        print("\n".join(lines), flush=True)
+        print("\n".join(kernels(level0["channels"], level0["hw"], level0["heads"], args.batch, args.reps)), flush=True)
+    if args.kernel_shape:
+        n, h, d = args.kernel_shape
+        hw = int(round(n**0.5))
+        if hw * hw != n:
+            raise SystemExit(f"--kernel-shape: {n} tokens is not a square image's h*w")
+        print("\n".join(kernels(h * d, hw, h, args.batch, args.reps)), flush=True)
 
 
 if __name__ == "__main__":
