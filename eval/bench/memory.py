@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Peak memory of ONE regularized train step (lambda = 1, rank-8 LoRA, fp32, batch 1) on this CPU:
-smooth-jax without remat, smooth-jax with full remat (``train.remat=full``), and the PyTorch
-reference of the authors' step (``eval/bench/torch_reference.py``).
+smooth-jax without remat, with full remat (``train.remat=full``), and without remat on diffusers'
+einsum attention (``train.attention=xla``: the full score matrices), and the PyTorch reference of the
+authors' step (``eval/bench/torch_reference.py``).
 
     .venv/bin/python eval/bench/memory.py --model small            # quick (about a minute per variant)
     .venv/bin/python eval/bench/memory.py --model sd15 --limit-gib 16 --timeout 900   # SD-1.5 size: 4x64x64 latents
@@ -35,7 +36,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 GiB = 1 << 30
-VARIANTS = ("jax-remat-none", "jax-remat-full", "torch")
+# jax-*: smooth-jax with the chunked attention (the default) and remat none / full; jax-xla-attention:
+# remat none with diffusers' einsum attention (the full score matrices kept for the backward pass).
+VARIANTS = ("jax-remat-none", "jax-remat-full", "jax-xla-attention", "torch")
 
 
 def _status_kib(field: str) -> int:
@@ -73,7 +76,7 @@ def _unet_config(model: str) -> dict:
 # --- children ---------------------------------------------------------------------------------
 
 
-def _child_jax(model: str, remat: str, batch: int) -> dict:
+def _child_jax(model: str, remat: str, batch: int, attention: str = "chunked") -> dict:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from smooth_jax import runtime
 
@@ -89,6 +92,7 @@ def _child_jax(model: str, remat: str, batch: int) -> dict:
     c = config_loader.load_config(ROOT / "configs" / "tiny.py")
     c.model, c.train.remat, c.train.compute_dtype, c.train.grad_accum = model, remat, "float32", 1
     c.lora.rank, c.lora.alpha = 8, 8.0
+    c.train.attention = attention
     sd = from_preset(model)  # architecture only: random weights below, without compiling an init
     shapes = jax.eval_shape(sd.init_fns()["unet"], jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
@@ -160,6 +164,8 @@ def child_main(args) -> None:
     try:
         if args.child == "torch":
             out = _child_torch(args.model, args.batch, args.threads)
+        elif args.child == "jax-xla-attention":
+            out = _child_jax(args.model, "none", args.batch, attention="xla")
         else:
             out = _child_jax(args.model, args.child.split("-")[-1], args.batch)
         out["status"] = "ok"
