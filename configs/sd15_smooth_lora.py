@@ -49,8 +49,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.frozen_dtype = "float32"  # storage of the frozen base weights
     c.train.remat = "none"  # "none" | "full" | "dots" (jax.checkpoint policy around the UNet)
     # "chunked": attention per head and block of queries, each block recomputed in the backward pass
-    # (smooth_jax/attention.py); "xla": diffusers' einsum over the full score matrix
-    c.train.attention = "chunked"
+    # (smooth_jax/attention.py); "xla": diffusers' einsum over the full score matrix; "auto": chunked on
+    # CPU (faster there), xla on TPU/GPU (less memory there: see attention.resolve)
+    c.train.attention = "auto"
     c.train.attention_chunk = 1024  # queries per block
     c.train.latents = "sample"  # VAE posterior "sample" (diffusers' scripts) or "mean"
 

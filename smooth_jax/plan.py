@@ -180,6 +180,7 @@ class Result:
     total_bytes: int = 0  # arguments + outputs - aliased (donated) + temporaries + code
     hbm_bytes: int = 0
     fits: bool = False
+    attention: str = ""  # the attention kernel compiled ("xla" | "chunked")
     flops: float = 0.0  # per device per step: matmuls + convolutions counted from the jaxpr
     flops_source: str = ""  # "counted"
     compile_flops: float = 0.0  # XLA's cost analysis (TPU only): all ops, but loop bodies once
@@ -212,10 +213,14 @@ def _is_oom(err: Exception) -> bool:
                                    "Exceeded hbm capacity", "hbm capacity"))
 
 
-def _config(base_config, model: str, remat: str, dtype: str, resolution: int):
+def _config(base_config, model: str, remat: str, dtype: str, resolution: int, platform: str = "tpu"):
     import ml_collections
 
+    from smooth_jax import attention
+
     c = ml_collections.ConfigDict(base_config.to_dict())
+    # "auto" means the target's choice, not this CPU's.
+    c.train.attention = attention.resolve(c.train.get("attention", "auto"), platform)
     c.model = model
     c.train.remat = remat
     c.train.compute_dtype = dtype
@@ -384,10 +389,11 @@ class Planner:
         sd = self.sd(dtype)
         return _abstract_inputs(sd, config, batch, self.inputs, self.unet_shapes(sd))
 
-    def step(self, remat: str = "none", dtype: str = "bfloat16", regularized: bool = True) -> Callable:
+    def step(self, remat: str = "none", dtype: str = "bfloat16", regularized: bool = True,
+             platform: str = "tpu") -> Callable:
         from smooth_jax import train
 
-        config = _config(self.base_config, self.model, remat, dtype, self.resolution)
+        config = _config(self.base_config, self.model, remat, dtype, self.resolution, platform)
         return train.make_train_step(self.sd(dtype), config, regularize=regularized)
 
     def lower(self, target: Target, batch: int, remat: str, dtype: str, regularized: bool = True):
@@ -396,7 +402,7 @@ class Planner:
 
         from smooth_jax import sharding, train
 
-        config = _config(self.base_config, self.model, remat, dtype, self.resolution)
+        config = _config(self.base_config, self.model, remat, dtype, self.resolution, target.platform)
         sd = self.sd(dtype)
         devices = self.devices(target)
         fsdp = int(dict(config.mesh.shape).get("fsdp", 1))
@@ -436,7 +442,8 @@ class Planner:
                    regularized=regularized, remat=remat, compute_dtype=dtype, batch_per_device=batch,
                    devices=target.devices)
         t0 = time.perf_counter()
-        lowered, step, per_device, _ = self.lower(target, batch, remat, dtype, regularized)
+        lowered, step, per_device, config = self.lower(target, batch, remat, dtype, regularized)
+        r.attention = str(config.train.attention)
         try:
             compiled = lowered.compile()
         except Exception as e:  # noqa: BLE001 - an HBM overflow is a compile error on TPU
@@ -528,19 +535,19 @@ def _ms(x: float) -> str:
 
 
 def markdown_table(results: Sequence[Result]) -> str:
-    head = ("| target | step | remat | compute | batch/dev | args GiB | temp GiB | total GiB | HBM GiB | fits "
+    head = ("| target | step | attention | remat | compute | batch/dev | args GiB | temp GiB | total GiB | HBM GiB | fits "
             "| TFLOP/step/dev (matmul+conv) | GB accessed/dev | t_flops ms | t_hbm ms | predicted step ms | img/s (pod) | compile s |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         if r.error:
-            lines.append(f"| {r.target} | {'reg' if r.regularized else 'plain'} | {r.remat} | {r.compute_dtype} "
+            lines.append(f"| {r.target} | {'reg' if r.regularized else 'plain'} | {r.attention} | {r.remat} | {r.compute_dtype} "
                          f"| {r.batch_per_device} | | | | {_gib(r.hbm_bytes)} | no (compile: HBM overflow) "
                          f"| | | | | | | {r.compile_s:.0f} |")
             continue
         fl = f"{r.flops / 1e12:.3g}"
         by = f"{r.bytes_accessed / 1e9:.3g}" + ("" if r.bytes_source == "compile" else " (est.)")
         lines.append(
-            f"| {r.target} | {'reg' if r.regularized else 'plain'} | {r.remat} | {r.compute_dtype} | {r.batch_per_device} "
+            f"| {r.target} | {'reg' if r.regularized else 'plain'} | {r.attention} | {r.remat} | {r.compute_dtype} | {r.batch_per_device} "
             f"| {_gib(r.argument_bytes)} | {_gib(r.temp_bytes)} | {_gib(r.total_bytes)} | {_gib(r.hbm_bytes)} "
             f"| {'yes' if r.fits else 'no'} | {fl} | {by} | {_ms(r.t_compute_s)} | {_ms(r.t_memory_s)} "
             f"| {_ms(r.step_time_s)} | {r.images_per_s:.3g} | {r.compile_s:.0f} |")

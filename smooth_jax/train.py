@@ -79,13 +79,13 @@ REMAT_POLICIES = {
 }
 
 
-def _unet_fn(sd, remat: str, form: str, scale: float, attention_kind: str = "chunked",
+def _unet_fn(sd, remat: str, form: str, scale: float, attention_kind: str = "auto",
              query_chunk: int = attention.DEFAULT_QUERY_CHUNK):
     """``unet(base_params, lora_tree, x, t, ctx) -> eps`` under the ``remat`` policy, with each
     LoRA module merged into its kernel or run as its own low-rank path (``lora.factored``), as
     ``form`` says ("auto": whichever makes the LoRA gradient cheaper, per module; the function is
     the same either way), attention computed as ``attention_kind`` says (``attention.use_attention``)."""
-    attention.attention_fn(attention_kind)  # validates the name
+    attention_kind = attention.resolve(attention_kind)
     if remat not in REMAT_POLICIES:
         raise ValueError(f"train.remat={remat!r}: choose one of {sorted(REMAT_POLICIES)}.")
     if form not in lora.TRAIN_FORMS:
@@ -117,7 +117,7 @@ def make_micro_loss(sd, config: ml_collections.ConfigDict, *, regularize: bool) 
     abar_table = jnp.asarray(sd.schedule.alphas_cumprod, jnp.float32)
     num_t = sd.schedule.num_train_timesteps
     unet = _unet_fn(sd, config.train.remat, config.lora.get("train_form", "auto"), scale,
-                    config.train.get("attention", "chunked"),
+                    config.train.get("attention", "auto"),
                     int(config.train.get("attention_chunk", attention.DEFAULT_QUERY_CHUNK)))
     if config.train.latents not in ("sample", "mean"):
         raise ValueError(f"train.latents={config.train.latents!r}: choose 'sample' or 'mean'.")

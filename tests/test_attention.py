@@ -55,10 +55,13 @@ def test_chunked_first_and_second_derivatives_equal_dense():
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-10)
 
 
-def test_unknown_kind_is_an_error():
+def test_unknown_kind_is_an_error_and_auto_picks_per_platform():
     with pytest.raises(ValueError, match="attention='flash'.*chunked"):
         with attention.use_attention("flash"):
             pass
+    assert [attention.resolve("auto", p) for p in ("cpu", "tpu", "cuda")] == ["chunked", "xla", "xla"]
+    assert attention.resolve("auto") == "chunked"  # the tests run on CPU
+    assert attention.resolve("xla", "cpu") == "xla" and attention.resolve("chunked", "tpu") == "chunked"
 
 
 def test_unet_with_chunked_attention_and_lora_equals_diffusers_path(tiny_sd, unet_inputs):

@@ -185,7 +185,7 @@ def test_search_with_a_small_fake_hbm_compiles_until_it_overflows(planner, reg, 
     assert payload["search"][0]["max_batch"] == 1
     assert payload["results"][0]["flops"] == pytest.approx(reg.flops)
     md = (tmp_path / "plan.md").read_text()
-    assert "| v5p-8 | reg | none | float32 | 1 |" in md and "Largest per-device batch" in md
+    assert "| v5p-8 | reg | xla | none | float32 | 1 |" in md and "Largest per-device batch" in md
 
 
 def test_missing_libtpu_names_the_install_command(monkeypatch):
