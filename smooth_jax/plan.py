@@ -28,6 +28,7 @@ Full SD-1.5 compiles take minutes each on a small CPU (DESIGN.md §4: ~7 min for
 from __future__ import annotations
 
 import dataclasses
+import gc
 import json
 import os
 import time
@@ -436,6 +437,8 @@ class Planner:
         return r
 
     def _compile(self, target: Target, batch: int, remat: str, dtype: str, regularized: bool) -> Result:
+        import jax
+
         if self.on_compile:
             self.on_compile(f"{target.name} {'reg' if regularized else 'plain'} remat={remat} {dtype} b={batch}")
         r = Result(target=target.name, model=self.model, resolution=self.resolution, inputs=self.inputs,
@@ -445,12 +448,15 @@ class Planner:
         lowered, step, per_device, config = self.lower(target, batch, remat, dtype, regularized)
         r.attention = str(config.train.attention)
         try:
-            compiled = lowered.compile()
+            compiled = _compile_uncached(lowered)
         except Exception as e:  # noqa: BLE001 - an HBM overflow is a compile error on TPU
             if not _is_oom(e):
                 raise
             r.compile_s = time.perf_counter() - t0
             r.error = str(e).strip().splitlines()[0][:300]
+            del lowered
+            jax.clear_caches()
+            gc.collect()
             return r
         r.compile_s = time.perf_counter() - t0
         mem = compiled.memory_analysis()
@@ -470,11 +476,32 @@ class Planner:
         else:
             # No cost model: every argument read once, every temporary written and read once.
             r.bytes_accessed, r.bytes_source = float(r.argument_bytes + r.output_bytes + 2 * r.temp_bytes), "estimate"
+        # Free the executable and JAX's trace/lowering caches before the next compile: an SD-1.5
+        # program holds GBs, and a plan over every target grew one process past 24 GB without this.
+        del compiled, lowered
+        jax.clear_caches()
+        gc.collect()
         peak = target.peak_flops if dtype == "bfloat16" else target.peak_flops_f32
         r.t_compute_s, r.t_memory_s, r.step_time_s = predicted_step_time(r.flops, r.bytes_accessed, peak,
                                                                          target.hbm_bandwidth)
         r.images_per_s = batch * target.devices / r.step_time_s if r.step_time_s > 0 else 0.0
         return r
+
+
+def _compile_uncached(lowered):
+    """``lowered.compile()`` without the persistent compilation cache: executables for devices this
+    machine does not have cannot be loaded back from it (jax warns on every later run)."""
+    import jax
+    from jax._src import compilation_cache as cc  # the cache-enabled check is memoised
+
+    was = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    cc.reset_cache()
+    try:
+        return lowered.compile()
+    finally:
+        jax.config.update("jax_enable_compilation_cache", was)
+        cc.reset_cache()
 
 
 def search_batch(measure: Callable[[int], tuple[bool, int]], hbm_bytes: int, max_batch: int = 256,
