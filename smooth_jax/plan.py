@@ -439,6 +439,8 @@ class Planner:
     def _compile(self, target: Target, batch: int, remat: str, dtype: str, regularized: bool) -> Result:
         import jax
 
+        from smooth_jax import runtime
+
         if self.on_compile:
             self.on_compile(f"{target.name} {'reg' if regularized else 'plain'} remat={remat} {dtype} b={batch}")
         r = Result(target=target.name, model=self.model, resolution=self.resolution, inputs=self.inputs,
@@ -448,7 +450,8 @@ class Planner:
         lowered, step, per_device, config = self.lower(target, batch, remat, dtype, regularized)
         r.attention = str(config.train.attention)
         try:
-            compiled = _compile_uncached(lowered)
+            # Topology executables cannot be loaded back from the persistent cache: skip it.
+            compiled = runtime.compile_uncached(lowered)
         except Exception as e:  # noqa: BLE001 - an HBM overflow is a compile error on TPU
             if not _is_oom(e):
                 raise
@@ -486,22 +489,6 @@ class Planner:
                                                                          target.hbm_bandwidth)
         r.images_per_s = batch * target.devices / r.step_time_s if r.step_time_s > 0 else 0.0
         return r
-
-
-def _compile_uncached(lowered):
-    """``lowered.compile()`` without the persistent compilation cache: executables for devices this
-    machine does not have cannot be loaded back from it (jax warns on every later run)."""
-    import jax
-    from jax._src import compilation_cache as cc  # the cache-enabled check is memoised
-
-    was = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    cc.reset_cache()
-    try:
-        return lowered.compile()
-    finally:
-        jax.config.update("jax_enable_compilation_cache", was)
-        cc.reset_cache()
 
 
 def search_batch(measure: Callable[[int], tuple[bool, int]], hbm_bytes: int, max_batch: int = 256,

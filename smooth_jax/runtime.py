@@ -54,3 +54,20 @@ def setup(compilation_cache: bool = True) -> None:
     except ImportError:  # pragma: no cover
         pass
     logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def compile_uncached(lowered):
+    """``lowered.compile()`` with the persistent compilation cache bypassed: for compile-time
+    measurements, and for executables of devices this machine lacks (``smooth-jax plan``), which
+    cannot be loaded back from the cache."""
+    import jax
+    from jax._src import compilation_cache as cc  # the cache-enabled check is memoised
+
+    was = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    cc.reset_cache()
+    try:
+        return lowered.compile()
+    finally:
+        jax.config.update("jax_enable_compilation_cache", was)
+        cc.reset_cache()

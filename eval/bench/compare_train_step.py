@@ -65,20 +65,13 @@ import numpy as np  # noqa: E402
 
 
 def compile_uncached(lowered):
-    """``lowered.compile()`` with the persistent compilation cache bypassed, so the time is a real
+    """``lowered.compile()`` bypassing the persistent compilation cache, so the time is a real
     compile (model inits elsewhere in the run still use the cache). Returns (compiled, seconds)."""
-    from jax._src import compilation_cache as cc  # reset_cache: the cache-enabled check is memoised
+    from smooth_jax import runtime
 
-    was = jax.config.jax_enable_compilation_cache
-    jax.config.update("jax_enable_compilation_cache", False)
-    cc.reset_cache()
-    try:
-        t0 = time.perf_counter()
-        compiled = lowered.compile()
-        return compiled, time.perf_counter() - t0
-    finally:
-        jax.config.update("jax_enable_compilation_cache", was)
-        cc.reset_cache()
+    t0 = time.perf_counter()
+    compiled = runtime.compile_uncached(lowered)
+    return compiled, time.perf_counter() - t0
 
 
 def _config(model: str, rank: int, variant: str = ""):
