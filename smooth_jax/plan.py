@@ -7,11 +7,13 @@ NamedShardings as ``smooth-jax train``. Nothing is allocated and no weights are 
 
 - TPU (v4-8, v5e-16, v5p-8, v6e-8): the PyPI ``libtpu`` wheel compiles for
   ``jax.experimental.topologies.get_topology_desc(platform="tpu", ...)`` devices. The compile
-  gives memory per chip (an HBM overflow is a compile error) and FLOPs / bytes accessed.
+  gives memory per chip (an HBM overflow is a compile error) and bytes accessed.
 - GPU (8xA100-80GB, 8xH100): ``jax-cuda12-plugin`` + ``jax-cuda12-pjrt`` compile for a
   GpuTargetConfig text proto (``launch/gpu_targets/*.txtpb``) with no GPU and no CUDA runtime.
-  That compile gives memory only: FLOPs are counted from the jaxpr (dots and convolutions), and
-  bytes accessed are estimated; both are marked as such.
+  That compile gives memory only: bytes accessed are estimated (marked as such).
+
+FLOPs, on every target, are the step's matmuls and convolutions counted from its jaxpr at
+per-device shapes (XLA's TPU cost analysis counts a loop body once).
 
 Predicted step time per device is the roofline ``max(flops / peak, bytes / bandwidth)``: a lower
 bound that real steps reach at 100% utilisation only. Install with ``pip install -e .[plan]`` or
@@ -277,7 +279,7 @@ def tree_bytes(tree) -> int:
     return int(sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree)))
 
 
-# --- counted FLOPs (for GPU compiles, which report none) ----------------------------------
+# --- counted FLOPs (every target: the compilers' own counts miss loops or are absent) ------
 
 
 def _dot_flops(eqn) -> float:

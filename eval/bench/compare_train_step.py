@@ -103,7 +103,7 @@ def _jax_side(sd, c, tree, x0, ctx, n_dev):
         fn = jax.jit(step, donate_argnums=0, in_shardings=(rep, rep, bsh), out_shardings=(rep, rep))
         compiled, compile_s = compile_uncached(fn.lower(state, frozen, batch))
         # Matmul + conv FLOPs of the jaxpr (loops x trip count), what FlopCounterMode counts for PyTorch.
-        flops = plan.count_flops(jax.make_jaxpr(step)(state, frozen, batch))
+        flops = plan.counted_step_flops(step, state, frozen, batch)
         holder = {"state": state}
 
         def run(compiled=compiled, holder=holder):

@@ -36,9 +36,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
 GiB = 1 << 30
-# jax-*: smooth-jax with the chunked attention (the default) and remat none / full; jax-xla-attention:
-# remat none with diffusers' einsum attention (the full score matrices kept for the backward pass).
-VARIANTS = ("jax-remat-none", "jax-remat-full", "jax-xla-attention", "torch")
+# smooth-jax variants: (train.remat, train.attention). The chunked attention is the CPU default;
+# jax-xla-attention keeps diffusers' einsum (the full score matrices saved for the backward pass).
+JAX_VARIANTS = {"jax-remat-none": ("none", "chunked"), "jax-remat-full": ("full", "chunked"),
+                "jax-xla-attention": ("none", "xla")}
+VARIANTS = (*JAX_VARIANTS, "torch")
 
 
 def _status_kib(field: str) -> int:
@@ -76,7 +78,7 @@ def _unet_config(model: str) -> dict:
 # --- children ---------------------------------------------------------------------------------
 
 
-def _child_jax(model: str, remat: str, batch: int, attention: str = "chunked") -> dict:
+def _child_jax(model: str, remat: str, batch: int, attention: str) -> dict:
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from smooth_jax import runtime
 
@@ -164,10 +166,9 @@ def child_main(args) -> None:
     try:
         if args.child == "torch":
             out = _child_torch(args.model, args.batch, args.threads)
-        elif args.child == "jax-xla-attention":
-            out = _child_jax(args.model, "none", args.batch, attention="xla")
         else:
-            out = _child_jax(args.model, args.child.split("-")[-1], args.batch)
+            remat, attention = JAX_VARIANTS[args.child]
+            out = _child_jax(args.model, remat, args.batch, attention)
         out["status"] = "ok"
     except MemoryError as e:
         out = {"status": f"did not fit under {args.limit_gib:g} GiB (MemoryError: {str(e)[:120]})"}

@@ -5,8 +5,9 @@
 
 ``compare_train_step.py`` says which framework is faster; this says why. Three tables:
 
-1. The step's parts, each timed alone: UNet forward (inference), UNet forward + backward to the
-   LoRA (the plain loss's gradient, no optimizer), and the regularized loss's gradient. PyTorch
+1. The step's parts, each timed alone: UNet forward (inference, with the step's attention
+   kernel), UNet forward + backward to the LoRA (the plain loss's gradient, no optimizer), and the
+   regularized loss's gradient. PyTorch
    runs each with its default attention (the fused flash kernel on CPU) and with the math
    kernel (the one the regularized step must use, as it alone has a double backward).
 2. The two kernels that carry the FLOPs, at the model's first level (the largest activations):
@@ -23,6 +24,7 @@ All fp32 on the CPU, medians of ``--reps`` timed calls after a warm-up, one XLA 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -80,7 +82,7 @@ def step_parts(model: str, batch: int, rank: int, reps: int) -> tuple[list[str],
 
     import torch_reference as tr
     from compare_train_step import _config
-    from smooth_jax import lora, plan, train
+    from smooth_jax import attention, lora, plan, train
 
     c = _config(model, rank)
     sd = train.load_model(c)
@@ -99,7 +101,11 @@ def step_parts(model: str, batch: int, rank: int, reps: int) -> tuple[list[str],
     micro = {"latents": jnp.asarray(x0), "context": jnp.asarray(ctx)}
     lora_j = jax.tree_util.tree_map(jnp.asarray, tree)
     merged = lora.merge(frozen["unet"], lora_j, 1.0)
-    fwd = jax.jit(lambda p, x, tt, cc: sd.unet_apply(p, x, tt, cc))
+    def unet_forward(p, x, tt, cc):  # with the attention kernel the step uses (train.attention)
+        with attention.use_attention(c.train.attention):
+            return sd.unet_apply(p, x, tt, cc)
+
+    fwd = jax.jit(unet_forward)
     res: dict = {}
     res[("jax", "forward")] = median_time(_jax_block(lambda: fwd(merged, micro["latents"], jnp.asarray(t), micro["context"])), reps)
     flops = {}
@@ -131,7 +137,7 @@ def step_parts(model: str, batch: int, rank: int, reps: int) -> tuple[list[str],
         return run
 
     for attn in ("default", "math"):
-        ctxm = tr.double_backward_attention if attn == "math" else _nullcontext
+        ctxm = tr.double_backward_attention if attn == "math" else contextlib.nullcontext
         with ctxm():
             res[(f"torch {attn}", "forward")] = median_time(torch_fwd, reps)
             res[(f"torch {attn}", "plain grad")] = median_time(torch_grad(False), reps)
@@ -152,14 +158,6 @@ def step_parts(model: str, batch: int, rank: int, reps: int) -> tuple[list[str],
     level0 = {"channels": sd.configs["unet"]["block_out_channels"][0], "hw": s,
               "heads": _heads(sd.configs["unet"]), "context_dim": sd.context_dim}
     return lines, level0
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _heads(unet_config) -> int:
