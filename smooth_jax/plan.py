@@ -22,6 +22,7 @@ bound that real steps reach at 100% utilisation only. Install with ``pip install
     smooth-jax plan                                   # sd15, every target, batch 1 per device, 512 px
     smooth-jax plan --model sd15 --targets v5e-16 --batch 1
     smooth-jax plan --targets v5p-8 8xa100 --search --remat none full --dtype float32 bfloat16 --out plan_out
+    smooth-jax plan --merge run_a/plan.json run_b/plan.json --out plan_all   # join runs, no compile
 
 Full SD-1.5 compiles take minutes each on a small CPU (DESIGN.md §4: ~7 min for batch 1 on
 2 cores); ``--model tiny`` checks the machinery in seconds.
@@ -44,8 +45,9 @@ BASE_CONFIG = _REPO / "configs" / "sd15_smooth_lora.py"
 INSTALL_HINT = "pip install -e '.[plan]' (or: bash launch/install.sh --plan)"
 
 
-class PlanError(RuntimeError):
-    """Something needed for a plan is missing; the message says what to install or pass."""
+class PlanError(ValueError):
+    """Something needed for a plan is missing; the message says what to install or pass (a
+    ValueError, so the CLI prints it as a one-line error)."""
 
 
 # --- targets ------------------------------------------------------------------------------
@@ -665,7 +667,48 @@ def run(args, overrides: Sequence[str] = (), planner: Planner | None = None) -> 
     return results, search_rows
 
 
+def _result_key(r: Result) -> tuple:
+    return (r.target, r.model, r.resolution, r.inputs, r.regularized, r.remat, r.compute_dtype, r.batch_per_device)
+
+
+def merge_outputs(paths: Sequence[str | Path]) -> tuple[list[Result], list[dict]]:
+    """Join plan.json files of separate runs (an SD-1.5 compile takes minutes, so one target per
+    run is the practical way) into one report. A later file's entry replaces an earlier one's for
+    the same (target, model, resolution, inputs, step, remat, dtype, batch), or search row for the
+    same (target, remat, dtype); results are ordered as TARGETS lists the targets."""
+    fields = {f.name for f in dataclasses.fields(Result)}
+    results: dict[tuple, Result] = {}
+    rows: dict[tuple, dict] = {}
+    for path in map(Path, paths):
+        try:
+            payload = json.loads(path.read_text())
+            loaded = [Result(**{k: v for k, v in r.items() if k in fields}) for r in payload["results"]]
+            search = list(payload.get("search", []))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise PlanError(f"--merge: {path} is not a readable plan.json ({type(e).__name__}: {e}).") from e
+        if not payload.get("complete", True):
+            print(f"note: {path} is from a plan that had not finished (partial); merging what it has.")
+        for r in loaded:
+            results[_result_key(r)] = r
+        for row in search:
+            rows[(row["target"], row["remat"], row["compute_dtype"])] = row
+    order = {name: i for i, name in enumerate(TARGETS)}
+    rank = lambda name: order.get(name, len(order))  # noqa: E731
+    merged = sorted(results.values(), key=lambda r: (rank(r.target), not r.regularized, r.remat, r.compute_dtype,
+                                                      r.batch_per_device))
+    merged_rows = sorted(rows.values(), key=lambda row: (rank(row["target"]), row["remat"], row["compute_dtype"]))
+    return merged, merged_rows
+
+
 def cmd_plan(args, overrides) -> int:
+    if args.merge:
+        if not args.out:
+            raise PlanError("--merge needs --out: the folder for the merged plan.md and plan.json.")
+        results, search_rows = merge_outputs(args.merge)
+        print(report_markdown(results, search_rows))
+        md, js = write_outputs(args.out, results, search_rows)
+        print(f"wrote {md} and {js}")
+        return 0
     prepare_gpu_plugin()
     results, search_rows = run(args, overrides)
     print(report_markdown(results, search_rows))
@@ -714,11 +757,14 @@ def register(sub) -> None:
                    help="images: VAE + text encoder run in the step (default); latents: cached encodings")
     p.add_argument("--search", action="store_true",
                    help="find the largest per-device batch that fits for every target x remat x dtype "
-                        "(doubling from 1, then bisecting: several compiles each)")
+                        "(batches 1 and 2, then the memory line's prediction and one more: about 4 compiles each)")
     p.add_argument("--max-batch", type=int, default=256, help="upper bound for --search")
-    p.add_argument("--no-refine", action="store_true", help="--search: powers of two only, no bisection")
+    p.add_argument("--no-refine", action="store_true", help="--search: powers of two only (doubling from 1 until one does not fit)")
     p.add_argument("--hbm-gib", type=float, default=None, help="pretend each device has this much memory")
     p.add_argument("--config", default=None, help="base config (default configs/sd15_smooth_lora.py)")
     p.add_argument("--out", default=None, help="also write plan.md and plan.json here")
+    p.add_argument("--merge", nargs="+", default=None, metavar="PLAN_JSON",
+                   help="compile nothing: join the plan.json files of earlier runs (e.g. one target each) "
+                        "into one plan.md / plan.json in --out")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_plan, takes_overrides=True)

@@ -188,6 +188,39 @@ def test_search_with_a_small_fake_hbm_compiles_until_it_overflows(planner, reg, 
     assert "| v5p-8 | reg | xla | none | float32 | 1 |" in md and "Largest per-device batch" in md
 
 
+def _fake(target, batch, **kw):
+    gib = 2 + batch
+    return plan.Result(target=target, model="sd15", resolution=512, inputs="images", regularized=True, remat="none",
+                       compute_dtype="bfloat16", batch_per_device=batch, devices=8, total_bytes=gib * plan.GiB,
+                       hbm_bytes=16 * plan.GiB, fits=gib <= 16, **kw)
+
+
+def test_merge_joins_runs_in_target_order(tmp_path, capsys):
+    """`plan --merge`: one-target runs become one report, in TARGETS order; a later run's result
+    for the same configuration wins; a broken file is named in the error."""
+    from smooth_jax import cli
+
+    gpu_row = {"target": "8xh100", "remat": "none", "compute_dtype": "bfloat16", "max_batch": 3, "tried": [1, 2, 3, 4],
+               "best": None}
+    plan.write_outputs(tmp_path / "a", [_fake("8xh100", 1), _fake("v6e-8", 1, compile_s=1.0)], [gpu_row])
+    plan.write_outputs(tmp_path / "b", [_fake("v6e-8", 1, compile_s=2.0), _fake("v4-8", 2)], partial=True)
+    files = [str(tmp_path / d / "plan.json") for d in "ab"]
+    assert cli.main(["plan", "--merge", *files, "--out", str(tmp_path / "all")]) == 0
+    payload = json.loads((tmp_path / "all" / "plan.json").read_text())
+    got = [(r["target"], r["batch_per_device"], r["compile_s"]) for r in payload["results"]]
+    assert got == [("v4-8", 2, 0.0), ("v6e-8", 1, 2.0), ("8xh100", 1, 0.0)]
+    assert payload["complete"] and [r["max_batch"] for r in payload["search"]] == [3]
+    md = (tmp_path / "all" / "plan.md").read_text()
+    assert md.index("| v4-8 |") < md.index("| v6e-8 |") < md.index("| 8xh100 |") and "partial" not in md
+    assert "had not finished" in capsys.readouterr().out
+    (tmp_path / "bad.json").write_text("{not json")
+    assert cli.main(["plan", "--merge", str(tmp_path / "bad.json"), "--out", str(tmp_path / "x")]) == 2
+    assert "bad.json is not a readable plan.json" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+    assert cli.main(["plan", "--merge", *files]) == 2
+    assert "--merge needs --out" in capsys.readouterr().err
+
+
 def test_missing_libtpu_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "libtpu", None)  # import libtpu -> ImportError
     with pytest.raises(plan.PlanError, match=r"pip install -e '\.\[plan\]'.*install\.sh --plan"):
