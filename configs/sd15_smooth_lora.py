@@ -47,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.grad_clip = 1.0
     c.train.compute_dtype = "float32"  # "bfloat16" halves activation memory; LoRA params stay fp32
     c.train.frozen_dtype = "float32"  # storage of the frozen base weights
-    c.train.remat = "none"  # "none" | "full" | "dots" (jax.checkpoint policy around the UNet)
+    c.train.remat = "none"  # "none" | "full" | "dots": jax.checkpoint policy around each UNet block (smooth_jax/remat.py)
     # "chunked": attention per head and block of queries, each block recomputed in the backward pass
     # (smooth_jax/attention.py); "xla": diffusers' einsum over the full score matrix; "auto": chunked on
     # CPU (faster there), xla on TPU/GPU (less memory there: see attention.resolve)

@@ -197,6 +197,7 @@ class Result:
     images_per_s: float = 0.0  # whole pod, at the predicted step time
     compile_s: float = 0.0
     error: str = ""  # compile error (e.g. the HBM overflow on TPU)
+    compiler_options: str = ""  # XLA options a retry needed (GPU_RETRY), "" when the default compile worked
 
 
 def total_memory(mem) -> int:
@@ -210,6 +211,25 @@ def predicted_step_time(flops: float, bytes_accessed: float, peak_flops: float, 
     t_c = flops / peak_flops if peak_flops > 0 else 0.0
     t_m = bytes_accessed / bandwidth if bandwidth > 0 else 0.0
     return t_c, t_m, max(t_c, t_m)
+
+
+# XLA:GPU's Triton GEMM emitter has no tiling for some dot shapes (seen: the text encoder's
+# [7*77, 768] projections at batch 7 per GPU, "Couldn't find output tile sizes"); such a compile is
+# retried with cuBLAS GEMMs, as a user on that node would have to, and the row says so.
+GPU_RETRY = ("Couldn't find output tile sizes", {"xla_gpu_enable_triton_gemm": False})
+
+
+def compile_for(target: Target, lowered) -> tuple[Any, str]:
+    """(executable, the XLA options a retry needed or ""), bypassing the persistent cache
+    (topology executables cannot be loaded back from it)."""
+    from smooth_jax import runtime
+
+    try:
+        return runtime.compile_uncached(lowered), ""
+    except Exception as e:  # noqa: BLE001 - XLA raises its own runtime error types
+        if target.platform != "cuda" or GPU_RETRY[0] not in str(e):
+            raise
+    return runtime.compile_uncached(lowered, GPU_RETRY[1]), ",".join(f"{k}={v}" for k, v in GPU_RETRY[1].items())
 
 
 def _is_oom(err: Exception) -> bool:
@@ -443,8 +463,6 @@ class Planner:
     def _compile(self, target: Target, batch: int, remat: str, dtype: str, regularized: bool) -> Result:
         import jax
 
-        from smooth_jax import runtime
-
         if self.on_compile:
             self.on_compile(f"{target.name} {'reg' if regularized else 'plain'} remat={remat} {dtype} b={batch}")
         r = Result(target=target.name, model=self.model, resolution=self.resolution, inputs=self.inputs,
@@ -454,8 +472,7 @@ class Planner:
         lowered, step, per_device, config = self.lower(target, batch, remat, dtype, regularized)
         r.attention = str(config.train.attention)
         try:
-            # Topology executables cannot be loaded back from the persistent cache: skip it.
-            compiled = runtime.compile_uncached(lowered)
+            compiled, r.compiler_options = compile_for(target, lowered)
         except Exception as e:  # noqa: BLE001 - an HBM overflow is a compile error on TPU
             if not _is_oom(e):
                 raise
@@ -568,7 +585,8 @@ def markdown_table(results: Sequence[Result]) -> str:
             f"| {r.target} | {'reg' if r.regularized else 'plain'} | {r.attention} | {r.remat} | {r.compute_dtype} | {r.batch_per_device} "
             f"| {_gib(r.argument_bytes)} | {_gib(r.temp_bytes)} | {_gib(r.total_bytes)} | {_gib(r.hbm_bytes)} "
             f"| {'yes' if r.fits else 'no'} | {fl} | {by} | {_ms(r.t_compute_s)} | {_ms(r.t_memory_s)} "
-            f"| {_ms(r.step_time_s)} | {r.images_per_s:.3g} | {r.compile_s:.0f} |")
+            f"| {_ms(r.step_time_s)} | {r.images_per_s:.3g} | {r.compile_s:.0f}"
+            + (f" ({r.compiler_options})" if r.compiler_options else "") + " |")
     return "\n".join(lines)
 
 

@@ -56,10 +56,11 @@ def setup(compilation_cache: bool = True) -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
 
 
-def compile_uncached(lowered):
-    """``lowered.compile()`` with the persistent compilation cache bypassed: for compile-time
-    measurements, and for executables of devices this machine lacks (``smooth-jax plan``), which
-    cannot be loaded back from the cache."""
+def compile_uncached(lowered, compiler_options: dict | None = None):
+    """``lowered.compile(compiler_options)`` with the persistent compilation cache bypassed: for
+    compile-time measurements, and for executables of devices this machine lacks (``smooth-jax
+    plan``), which cannot be loaded back from the cache. ``compiler_options``: XLA debug options
+    by name, e.g. ``{"xla_gpu_enable_triton_gemm": False}``."""
     import jax
     from jax._src import compilation_cache as cc  # the cache-enabled check is memoised
 
@@ -67,7 +68,7 @@ def compile_uncached(lowered):
     jax.config.update("jax_enable_compilation_cache", False)
     cc.reset_cache()
     try:
-        return lowered.compile()
+        return lowered.compile(compiler_options) if compiler_options else lowered.compile()
     finally:
         jax.config.update("jax_enable_compilation_cache", was)
         cc.reset_cache()

@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from smooth_jax import attention, export, lora, objective, sharding
+from smooth_jax import remat as remat_lib
 
 # --- state --------------------------------------------------------------------------------
 
@@ -72,37 +73,31 @@ def create_train_state(lora_tree: Any, tx: optax.GradientTransformation, rng: ja
 
 # --- the step -----------------------------------------------------------------------------
 
-REMAT_POLICIES = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+REMAT_POLICIES = remat_lib.POLICIES  # applied per UNet block (smooth_jax/remat.py)
 
 
 def _unet_fn(sd, remat: str, form: str, scale: float, attention_kind: str = "auto",
              query_chunk: int = attention.DEFAULT_QUERY_CHUNK):
-    """``unet(base_params, lora_tree, x, t, ctx) -> eps`` under the ``remat`` policy, with each
-    LoRA module merged into its kernel or run as its own low-rank path (``lora.factored``), as
-    ``form`` says ("auto": whichever makes the LoRA gradient cheaper, per module; the function is
-    the same either way), attention computed as ``attention_kind`` says (``attention.use_attention``)."""
+    """``unet(base_params, lora_tree, x, t, ctx) -> eps`` with every UNet block under the ``remat``
+    policy (``remat.use_block_remat``), each LoRA module merged into its kernel or run as its own
+    low-rank path (``lora.factored``), as ``form`` says ("auto": whichever makes the LoRA gradient
+    cheaper, per module; the function is the same either way), attention computed as
+    ``attention_kind`` says (``attention.use_attention``)."""
     attention_kind = attention.resolve(attention_kind)
-    if remat not in REMAT_POLICIES:
-        raise ValueError(f"train.remat={remat!r}: choose one of {sorted(REMAT_POLICIES)}.")
+    remat_lib.check(remat)
     if form not in lora.TRAIN_FORMS:
         raise ValueError(f"lora.train_form={form!r}: choose one of {lora.TRAIN_FORMS}.")
 
     def fn(base, lora_tree, x, t, ctx):
         merged_part, factored_part = lora.split_forms(lora_tree, form)
         params = lora.merge(base, merged_part, scale) if merged_part else base
-        with attention.use_attention(attention_kind, query_chunk):
+        with attention.use_attention(attention_kind, query_chunk), remat_lib.use_block_remat(remat):
             if not factored_part:
                 return sd.unet_apply(params, x, t, ctx)
             with lora.factored(factored_part, scale):
                 return sd.unet_apply(params, x, t, ctx)
 
-    if remat == "none":
-        return fn
-    return jax.checkpoint(fn, policy=REMAT_POLICIES[remat])
+    return fn
 
 
 def make_micro_loss(sd, config: ml_collections.ConfigDict, *, regularize: bool) -> Callable:

@@ -221,6 +221,30 @@ def test_merge_joins_runs_in_target_order(tmp_path, capsys):
     assert "--merge needs --out" in capsys.readouterr().err
 
 
+class _Lowered:
+    """Stands in for a jax Lowered whose default compile hits XLA:GPU's Triton tiling error."""
+
+    def __init__(self, error: str):
+        self.error, self.calls = error, []
+
+    def compile(self, compiler_options=None):
+        self.calls.append(compiler_options)
+        if not compiler_options:
+            raise RuntimeError(f"INTERNAL: {self.error}: dot.6893 = bf16[539,768]")
+        return "executable"
+
+
+def test_gpu_triton_tiling_error_is_retried_with_cublas_and_recorded():
+    low = _Lowered(plan.GPU_RETRY[0])
+    assert plan.compile_for(plan.TARGETS["8xa100"], low) == ("executable", "xla_gpu_enable_triton_gemm=False")
+    assert low.calls == [None, {"xla_gpu_enable_triton_gemm": False}]
+    for target, error in (("v5p-8", plan.GPU_RETRY[0]), ("8xh100", "RESOURCE_EXHAUSTED: out of memory")):
+        with pytest.raises(RuntimeError, match=error):  # TPU, or another GPU error: raised as it is
+            plan.compile_for(plan.TARGETS[target], _Lowered(error))
+    row = _fake("8xa100", 7, compiler_options="xla_gpu_enable_triton_gemm=False")
+    assert "| 0 (xla_gpu_enable_triton_gemm=False) |" in plan.markdown_table([row])
+
+
 def test_missing_libtpu_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "libtpu", None)  # import libtpu -> ImportError
     with pytest.raises(plan.PlanError, match=r"pip install -e '\.\[plan\]'.*install\.sh --plan"):

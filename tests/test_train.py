@@ -111,6 +111,46 @@ def test_remat_policies_do_not_change_the_numbers(tiny_sd):
         train.make_micro_loss(tiny_sd, c, regularize=True)
 
 
+def test_remat_checkpoints_every_unet_block_once(tiny_sd):
+    """train.remat wraps each ResNet and transformer block in its own checkpoint (not the whole
+    UNet: that saves nothing at the peak): as many checkpoints in the UNet's jaxpr as block calls."""
+    import flax.linen as nn
+
+    from smooth_jax import remat
+
+    calls = []
+
+    def count(next_fun, args, kwargs, context):
+        if context.method_name == "__call__" and isinstance(context.module, remat.block_classes()):
+            calls.append(type(context.module).__name__)
+        return next_fun(*args, **kwargs)
+
+    x, t, ctx = jnp.zeros((1, 4, 16, 16)), jnp.array([3]), jnp.zeros((1, 77, tiny_sd.context_dim))
+    lora_tree = lora.init(jax.random.PRNGKey(0), tiny_sd.params["unet"], lora.LoraSpec(rank=4, alpha=4))
+    with nn.intercept_methods(count):
+        jax.eval_shape(lambda *a: tiny_sd.unet_apply(*a), tiny_sd.params["unet"], x, t, ctx)
+    assert {"FlaxResnetBlock2D", "FlaxBasicTransformerBlock"} <= set(calls)
+    found = {}
+    for policy in ("none", "full", "dots"):
+        fn = train._unet_fn(tiny_sd, policy, "auto", 1.0)
+        found[policy] = _count_primitive(jax.make_jaxpr(fn)(tiny_sd.params["unet"], lora_tree, x, t, ctx).jaxpr, "remat2")
+    # "none" keeps the chunked attention's own per-block checkpoints
+    assert found["full"] - found["none"] == found["dots"] - found["none"] == len(calls)
+
+
+def _count_primitive(jaxpr, name: str) -> int:
+    """Equations of primitive ``name`` in a jaxpr and every jaxpr nested in its equations' params."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        n += eqn.primitive.name == name
+        for v in eqn.params.values():
+            for sub in v if isinstance(v, (tuple, list)) else (v,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    n += _count_primitive(inner, name)
+    return n
+
+
 def test_lora_train_forms_give_the_same_numbers_and_the_closed_form_flops(tiny_sd):
     """lora.train_form "merged", "factored" and "auto" are one function: same loss and LoRA gradient
     (plain and regularized). Their cost differs as counted in closed form: per targeted layer with
