@@ -78,7 +78,9 @@ def _unet_config(model: str) -> dict:
 # --- children ---------------------------------------------------------------------------------
 
 
-def _child_jax(model: str, remat: str, batch: int, attention: str) -> dict:
+def _child_jax(model: str, remat: str, batch: int, attention: str, info: dict) -> dict:
+    """``info`` gets the compile's figures as soon as they exist, so a step that then fails to
+    allocate still reports what XLA asked for."""
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     from smooth_jax import runtime
 
@@ -112,6 +114,7 @@ def _child_jax(model: str, remat: str, batch: int, attention: str) -> dict:
     compiled = fn.lower(state, frozen, batch_d).compile()
     compile_s = time.perf_counter() - t0
     ma = compiled.memory_analysis()
+    info.update(compile_s=compile_s, temp_gib=ma.temp_size_in_bytes / GiB, argument_gib=ma.argument_size_in_bytes / GiB)
     base = _status_kib("VmRSS")
     reset = _reset_hwm()
     t0 = time.perf_counter()
@@ -163,19 +166,21 @@ def _child_torch(model: str, batch: int, threads: int) -> dict:
 def child_main(args) -> None:
     limit = int(args.limit_gib * GiB)
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    info: dict = {}
     try:
         if args.child == "torch":
             out = _child_torch(args.model, args.batch, args.threads)
         else:
             remat, attention = JAX_VARIANTS[args.child]
-            out = _child_jax(args.model, remat, args.batch, attention)
+            out = _child_jax(args.model, remat, args.batch, attention, info)
         out["status"] = "ok"
     except MemoryError as e:
-        out = {"status": f"did not fit under {args.limit_gib:g} GiB (MemoryError: {str(e)[:120]})"}
+        out = {**info, "status": f"did not fit under {args.limit_gib:g} GiB (MemoryError: {str(e)[:120]})"}
     except Exception as e:  # XLA reports allocation failures as RuntimeError / XlaRuntimeError
         msg = str(e)
         oom = any(k in msg.lower() for k in ("memory", "alloc", "resource_exhausted", "bad_alloc"))
-        out = {"status": (f"did not fit under {args.limit_gib:g} GiB" if oom else "failed") + f" ({type(e).__name__}: {msg[:160]})"}
+        out = {**info, "status": (f"did not fit under {args.limit_gib:g} GiB" if oom else "failed")
+               + f" ({type(e).__name__}: {msg[:160]})"}
     print("RESULT " + json.dumps(out), flush=True)
 
 
