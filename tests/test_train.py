@@ -380,6 +380,18 @@ def test_two_processes_of_four_devices_match_one_process(tmp_path):
     assert all(np.array_equal(x, y) for x, y in zip(_leaves(export.read_any(out).lora), _leaves(final.lora)))
 
 
+def test_multiprocess_launcher_reports_a_failed_host():
+    """A host that fails ends the job with its exit code, and the launcher names it (an OOM-killed
+    host reads "signal 9"), instead of leaving the other host waiting at a barrier."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, str(ROOT / "launch" / "multiprocess.py"), "--processes", "2", "--", "no-such-command"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "ended with exit code 2" in proc.stderr and "invalid choice: 'no-such-command'" in proc.stdout
+
+
 def test_cached_encodings_train_like_images(tiny_sd, tmp_path):
     """`smooth-jax cache` output: the loss of a cached micro-batch equals the loss of the same
     images encoded in the step (posterior mean, centre crop), and a run trains from the cache."""
