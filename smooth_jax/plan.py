@@ -597,7 +597,8 @@ def search_table(rows: Sequence[dict]) -> str:
         r = row.get("best")
         lines.append(f"| {row['target']} | {row['remat']} | {row['compute_dtype']} | {row['max_batch']} "
                      f"| {_gib(r['total_bytes']) if r else ''} | {_ms(r['step_time_s']) if r else ''} "
-                     f"| {format(r['images_per_s'], '.3g') if r else ''} | {', '.join(map(str, row['tried']))} |")
+                     f"| {format(r['images_per_s'], '.3g') if r else ''} | {', '.join(map(str, row['tried']))}"
+                     + (f" ({row['note']})" if row.get("note") else "") + " |")
     return "\n".join(lines)
 
 
