@@ -5,7 +5,7 @@ einsum attention (``train.attention=xla``: the full score matrices), and the PyT
 authors' step (``eval/bench/torch_reference.py``).
 
     .venv/bin/python eval/bench/memory.py --model small            # quick (about a minute per variant)
-    .venv/bin/python eval/bench/memory.py --model sd15 --limit-gib 16 --timeout 900   # SD-1.5 size: 4x64x64 latents
+    .venv/bin/python eval/bench/memory.py --model sd15 --limit-gib 22 --timeout 1500  # SD-1.5 size: 4x64x64 latents
 
 Every variant runs in its own child process, one at a time, under ``RLIMIT_AS = min(--limit-gib, MemAvailable - --margin-gib)``, so
 an oversize run fails with MemoryError (reported as "did not fit under N GiB") instead of pushing
