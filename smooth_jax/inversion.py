@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from smooth_jax import attention
 from smooth_jax.sampling import ddim_alphas, ddim_step, ddim_timesteps, interleave, slerp
 
 # The authors' NTI settings (DESIGN §2; prompt-to-prompt's null_optimization has the same).
@@ -64,7 +65,8 @@ def _schedule(sd, num_steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _eps(sd, unet_params, x: jax.Array, t, context: jax.Array) -> jax.Array:
     """UNet eps in float32 for x [B,4,h,w] at scalar timestep t, context [B,L,D]."""
     tb = jnp.full((x.shape[0],), t)
-    return sd.unet_apply(unet_params, x.astype(sd.dtype), tb, context).astype(jnp.float32)
+    with attention.use_attention("auto"):  # as the sampler: chunked on CPU, diffusers' einsum elsewhere
+        return sd.unet_apply(unet_params, x.astype(sd.dtype), tb, context).astype(jnp.float32)
 
 
 class _ByIdentity:

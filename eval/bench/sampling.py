@@ -70,7 +70,7 @@ def _timed(fn) -> float:
 def bench_model(model: str, args) -> list[str]:
     import torch
 
-    from smooth_jax import sampling
+    from smooth_jax import attention, sampling
     from smooth_jax.models import load, torch_bridge
 
     sd = load(model, rng=jax.random.PRNGKey(0))
@@ -78,7 +78,12 @@ def bench_model(model: str, args) -> list[str]:
     pipe = torch_bridge.torch_pipeline(sd)
     pipe.set_progress_bar_config(disable=True)
     sampler = jax.jit(sampling.make_sampler(sd, num_steps=args.steps, guidance_scale=args.guidance))
-    unet_j = jax.jit(sd.unet_apply)
+
+    def unet_call(*a):
+        with attention.use_attention("auto"):  # the kernel the sampler runs, so the overhead compares like with like
+            return sd.unet_apply(*a)
+
+    unet_j = jax.jit(unet_call)
     prompts = ["a photograph of an astronaut riding a horse", "a watercolor of a lighthouse at dawn",
                "a red cube on a blue sphere", "a handwritten digit seven"]
     lines = [f"\n### model `{model}` (latents 4x{s}x{s}, {args.steps} DDIM steps, CFG {args.guidance})\n",
