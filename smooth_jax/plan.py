@@ -23,6 +23,7 @@ bound that real steps reach at 100% utilisation only. Install with ``pip install
     smooth-jax plan --model sd15 --targets v5e-16 --batch 1
     smooth-jax plan --targets v5p-8 8xa100 --search --remat none full --dtype float32 bfloat16 --out plan_out
     smooth-jax plan --merge run_a/plan.json run_b/plan.json --out plan_all   # join runs, no compile
+    smooth-jax plan --targets v4-8 --search --reuse plan_all/plan.json --out v4   # resume: reuse those compiles
 
 Full SD-1.5 compiles take minutes each on a small CPU (DESIGN.md §4: ~7 min for batch 1 on
 2 cores); ``--model tiny`` checks the machinery in seconds.
@@ -198,6 +199,7 @@ class Result:
     compile_s: float = 0.0
     error: str = ""  # compile error (e.g. the HBM overflow on TPU)
     compiler_options: str = ""  # XLA options a retry needed (GPU_RETRY), "" when the default compile worked
+    config_digest: str = ""  # config_digest() of the compiled config; "" in files from before it was recorded
 
 
 def total_memory(mem) -> int:
@@ -252,6 +254,15 @@ def _config(base_config, model: str, remat: str, dtype: str, resolution: int, pl
     c.train.grad_accum = 1
     c.data.resolution = resolution
     return c
+
+
+def config_digest(config) -> str:
+    """Short hash of the config a step was compiled from: ``--reuse`` takes an earlier compile
+    only for the same config (the remat/dtype/resolution/attention it was built with included)."""
+    import hashlib
+
+    blob = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def _model(model: str, dtype: str):
@@ -393,6 +404,28 @@ class Planner:
         self._shapes = None
         self.cache: dict[tuple, Result] = {}
 
+    def digest(self, target: Target | str, remat: str, dtype: str) -> str:
+        target = TARGETS[target] if isinstance(target, str) else target
+        return config_digest(_config(self.base_config, self.model, remat, dtype, self.resolution, target.platform))
+
+    def reuse(self, results: Sequence[Result], default_config: bool) -> list[Result]:
+        """Take earlier compiles (e.g. from ``merge_outputs``) as if compiled here, so that a
+        search resumes where a stopped run left off. A result is taken when its model, resolution
+        and inputs are this planner's and its config digest is the one this planner would compile
+        (results saved before digests were recorded: only when ``default_config``, the base config
+        with no overrides, which is what those runs used). Returns the results taken."""
+        taken = []
+        for r in results:
+            if (r.model, r.resolution, r.inputs) != (self.model, self.resolution, self.inputs) or r.target not in TARGETS:
+                continue
+            want = self.digest(r.target, r.remat, r.compute_dtype)
+            if r.config_digest != want and not (not r.config_digest and default_config):
+                continue
+            key = (r.target, int(r.batch_per_device), r.remat, r.compute_dtype, bool(r.regularized))
+            self.cache[key] = dataclasses.replace(r, config_digest=want)
+            taken.append(r)
+        return taken
+
     def devices(self, target: Target) -> list:
         if target.name not in self._devices:
             self._devices[target.name] = devices_for(target)
@@ -471,6 +504,7 @@ class Planner:
         t0 = time.perf_counter()
         lowered, step, per_device, config = self.lower(target, batch, remat, dtype, regularized)
         r.attention = str(config.train.attention)
+        r.config_digest = config_digest(config)
         try:
             compiled, r.compiler_options = compile_for(target, lowered)
         except Exception as e:  # noqa: BLE001 - an HBM overflow is a compile error on TPU
@@ -513,7 +547,7 @@ class Planner:
 
 
 def search_batch(measure: Callable[[int], tuple[bool, int]], hbm_bytes: int, max_batch: int = 256,
-                 refine: bool = True) -> tuple[int, list[int]]:
+                 refine: bool = True, known: dict[int, tuple[bool, int]] | None = None) -> tuple[int, list[int]]:
     """Largest per-device batch b <= max_batch that fits, with few compiles.
 
     ``measure(b)`` compiles batch b and returns (fits, total bytes; 0 when the compile itself
@@ -523,10 +557,17 @@ def search_batch(measure: Callable[[int], tuple[bool, int]], hbm_bytes: int, max
     prediction is off (XLA's scheduling is not exactly linear) the bracket [largest fit, smallest
     non-fit] shrinks with each compile, bisecting when the line says nothing useful. An exact
     prediction costs 4 compiles (1, 2, b, b+1) where doubling + bisection costs ~2 log2(b).
-    ``refine=False``: powers of two only. Returns (largest fitting batch or 0, batches tried)."""
-    tried: list[int] = []
-    mem: dict[int, int] = {}  # batch -> total bytes, from every compile that reported them
-    lo, hi = 0, max_batch + 1  # lo fits (0: nothing yet); hi does not (max_batch + 1: none seen)
+    ``refine=False``: powers of two only. ``known``: batch -> (fits, total bytes) from earlier
+    compiles (``plan --reuse``): they set the bracket and the line, and are listed first in the
+    batches tried, but are not compiled again. Returns (largest fitting batch or 0, batches tried)."""
+    tried: list[int] = sorted(known or {})
+    mem: dict[int, int] = {b: int(t) for b, (_, t) in (known or {}).items() if t}  # batch -> total bytes
+    fit = [b for b, (ok, _) in (known or {}).items() if ok]
+    over = [b for b, (ok, _) in (known or {}).items() if not ok]
+    # lo fits (0: nothing yet); hi does not (max_batch + 1: none seen). Memory need not be monotone
+    # in the batch (GPU compiles): a batch that fits above the smallest failure is not counted.
+    hi = min(over + [max_batch + 1])
+    lo = max([b for b in fit if b < hi], default=0)
 
     def probe(b: int) -> bool:
         nonlocal lo, hi
@@ -542,11 +583,13 @@ def search_batch(measure: Callable[[int], tuple[bool, int]], hbm_bytes: int, max
 
     if not refine:
         b = 1
-        while b <= max_batch and probe(b):
+        while b <= max_batch and b < hi and (b in tried or probe(b)):
             b *= 2
         return lo, tried
-    for b in (1, 2):
-        if b > max_batch or not probe(b):
+    for b in (1, 2):  # two points for the memory line
+        if len(mem) >= 2 or b in tried:
+            continue
+        if b >= hi or b > max_batch or not probe(b):
             return lo, tried
     while hi - lo > 1:
         (b0, m0), (b1, m1) = sorted(mem.items())[-2:]
@@ -651,15 +694,22 @@ def run(args, overrides: Sequence[str] = (), planner: Planner | None = None) -> 
     elif (planner.model, planner.resolution, planner.inputs) != (args.model, args.resolution, args.inputs):
         raise ValueError("run(): the planner was made for another model, resolution or inputs.")
     hbm = int(args.hbm_gib * GiB) if args.hbm_gib else None
+    taken = []
+    if getattr(args, "reuse", None):
+        earlier, _ = merge_outputs(args.reuse)
+        taken = planner.reuse(earlier, default_config=not args.config and not list(overrides))
+        print(f"--reuse: {len(taken)} of {len(earlier)} earlier compiles match this model, resolution, inputs "
+              "and config: not compiled again.")
 
-    results, search_rows, compiled = [], [], []
+    # The partial plan.json holds the reused compiles too, so a run stopped again resumes from it alone.
+    results, search_rows, compiled = [], [], {_result_key(r): r for r in taken}
 
     def compile_one(*a, **kw):
         r = planner.compile(*a, hbm_bytes=hbm, **kw)
         bar.update(1)
-        compiled.append(r)
+        compiled[_result_key(r)] = r
         if getattr(args, "out", None):  # SD-1.5 compiles take minutes: keep what is done on disk
-            write_outputs(args.out, compiled, search_rows, partial=True)
+            write_outputs(args.out, list(compiled.values()), search_rows, partial=True)
         return r
 
     steps = {"reg": [True], "plain": [False], "both": [True, False]}[args.step]
@@ -672,8 +722,11 @@ def run(args, overrides: Sequence[str] = (), planner: Planner | None = None) -> 
                         return r.fits, r.total_bytes
 
                     target_hbm = hbm or TARGETS[name].hbm_bytes
+                    known = {k[1]: planner.compile(name, k[1], remat, dtype, hbm_bytes=hbm)
+                             for k in list(planner.cache) if k[0] == name and k[2:] == (remat, dtype, True)}
                     best, tried = search_batch(measure, target_hbm, max_batch=args.max_batch,
-                                               refine=not args.no_refine)
+                                               refine=not args.no_refine,
+                                               known={b: (r.fits, r.total_bytes) for b, r in known.items()})
                     results.extend(planner.compile(name, b, remat, dtype, hbm_bytes=hbm) for b in tried)
                     best_r = planner.compile(name, best, remat, dtype, hbm_bytes=hbm) if best else None
                     row = {"target": name, "remat": remat, "compute_dtype": dtype, "max_batch": best, "tried": tried,
@@ -785,5 +838,8 @@ def register(sub) -> None:
     p.add_argument("--merge", nargs="+", default=None, metavar="PLAN_JSON",
                    help="compile nothing: join the plan.json files of earlier runs (e.g. one target each) "
                         "into one plan.md / plan.json in --out")
+    p.add_argument("--reuse", nargs="+", default=None, metavar="PLAN_JSON",
+                   help="take the compiles in these plan.json files (same model, resolution, inputs and config) "
+                        "instead of compiling them again: resumes a stopped --search, or extends one")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_plan, takes_overrides=True)

@@ -7,6 +7,7 @@ latents at 16 px, so each compile is small. One TPU target (v5p-8, 4 chips) and 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -186,6 +187,13 @@ def test_search_with_a_small_fake_hbm_compiles_until_it_overflows(planner, reg, 
     assert payload["results"][0]["flops"] == pytest.approx(reg.flops)
     md = (tmp_path / "plan.md").read_text()
     assert "| v5p-8 | reg | xla | none | float32 | 1 |" in md and "Largest per-device batch" in md
+    # Resumed from that plan.json by a fresh planner: the same answer with nothing compiled again.
+    args.reuse, args.out = [str(tmp_path / "plan.json")], str(tmp_path / "again")
+    fresh = plan.Planner(model="tiny", resolution=RES, inputs=INPUTS)
+    fresh._compile = lambda *a, **k: pytest.fail(f"compiled again: {a}")
+    results2, rows2 = plan.run(args, rest, planner=fresh)
+    assert rows2[0]["max_batch"] == 1 and rows2[0]["tried"] == [1, 2]
+    assert [r.total_bytes for r in results2] == [r.total_bytes for r in results]
 
 
 def _fake(target, batch, **kw):
@@ -257,3 +265,38 @@ def test_targets_table_is_consistent():
         if t.platform == "cuda":
             assert "device_memory_size" in plan.gpu_target_config(t)
     assert np.isclose(plan.TARGETS["8xh100"].peak_flops, 989e12)
+
+
+def test_batch_search_resumes_from_known_compiles():
+    """Compiles from an earlier run (`plan --reuse`) set the bracket and the line and are not
+    compiled again; the answer is the one a search from scratch finds."""
+    measure, calls = _affine_memory(10, 3, 100)
+    known = {b: measure(b) for b in (1, 2)}
+    calls.clear()
+    assert plan.search_batch(measure, 100, known=known) == (30, [1, 2, 30, 31]) and calls == [30, 31]
+    for pre in ((1,), (5, 40), (29, 31), (7,), (3, 17, 50)):
+        measure, calls = _affine_memory(10, 3, 100, 0.05)
+        known = {b: measure(b) for b in pre}
+        calls.clear()
+        best, tried = plan.search_batch(measure, 100, known=known)
+        assert best == _largest_fitting(10, 3, 100, 0.05)
+        assert tried[:len(pre)] == sorted(pre) and not set(calls) & set(pre) and tried[len(pre):] == calls
+    measure, calls = _affine_memory(10, 3, 100)  # a known fit above a known failure (GPU memory is not monotone)
+    assert plan.search_batch(measure, 100, known={1: (True, 13), 4: (False, 0), 6: (True, 28)})[0] == 3
+
+
+def test_reuse_takes_earlier_compiles_of_the_same_config_only(tmp_path):
+    """`plan --reuse`: a result of the same model/resolution/inputs and config digest is taken
+    into the planner's cache; another digest, or an old file without one under a non-default
+    config, is not."""
+    p = plan.Planner(model="tiny", resolution=RES, inputs=INPUTS)
+    want = p.digest("v5p-8", "none", "bfloat16")
+    assert want != p.digest("v5p-8", "full", "bfloat16") != p.digest("v5p-8", "full", "float32")
+    mk = lambda b, digest, **kw: dataclasses.replace(  # noqa: E731
+        _fake("v5p-8", b), model="tiny", resolution=RES, inputs=INPUTS, config_digest=digest, **kw)
+    taken = p.reuse([mk(1, want), mk(2, "0" * 12), mk(3, ""), mk(4, want, remat="full")], default_config=False)
+    assert [r.batch_per_device for r in taken] == [1]
+    assert p.reuse([mk(3, "")], default_config=True)[0].batch_per_device == 3
+    assert set(p.cache) == {("v5p-8", 1, "none", "bfloat16", True), ("v5p-8", 3, "none", "bfloat16", True)}
+    r = p.compile("v5p-8", 3, hbm_bytes=4 * plan.GiB)  # from the cache: judged against this run's HBM
+    assert r.total_bytes == 5 * plan.GiB and not r.fits and r.config_digest == want
