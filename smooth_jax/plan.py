@@ -413,7 +413,8 @@ class Planner:
         search resumes where a stopped run left off. A result is taken when its model, resolution
         and inputs are this planner's and its config digest is the one this planner would compile
         (results saved before digests were recorded: only when ``default_config``, the base config
-        with no overrides, which is what those runs used). Returns the results taken."""
+        with no overrides, which is what those runs used). The digest covers the config, not the
+        code: a compile made before a change to the step is taken as it is. Returns the results taken."""
         taken = []
         for r in results:
             if (r.model, r.resolution, r.inputs) != (self.model, self.resolution, self.inputs) or r.target not in TARGETS:
