@@ -697,7 +697,7 @@ def run(args, overrides: Sequence[str] = (), planner: Planner | None = None) -> 
     hbm = int(args.hbm_gib * GiB) if args.hbm_gib else None
     taken = []
     if getattr(args, "reuse", None):
-        earlier, _ = merge_outputs(args.reuse)
+        earlier, _ = merge_outputs(args.reuse, option="--reuse")
         taken = planner.reuse(earlier, default_config=not args.config and not list(overrides))
         print(f"--reuse: {len(taken)} of {len(earlier)} earlier compiles match this model, resolution, inputs "
               "and config: not compiled again.")
@@ -744,7 +744,7 @@ def _result_key(r: Result) -> tuple:
     return (r.target, r.model, r.resolution, r.inputs, r.regularized, r.remat, r.compute_dtype, r.batch_per_device)
 
 
-def merge_outputs(paths: Sequence[str | Path]) -> tuple[list[Result], list[dict]]:
+def merge_outputs(paths: Sequence[str | Path], option: str = "--merge") -> tuple[list[Result], list[dict]]:
     """Join plan.json files of separate runs (an SD-1.5 compile takes minutes, so one target per
     run is the practical way) into one report. A later file's entry replaces an earlier one's for
     the same (target, model, resolution, inputs, step, remat, dtype, batch), or search row for the
@@ -758,7 +758,7 @@ def merge_outputs(paths: Sequence[str | Path]) -> tuple[list[Result], list[dict]
             loaded = [Result(**{k: v for k, v in r.items() if k in fields}) for r in payload["results"]]
             search = list(payload.get("search", []))
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise PlanError(f"--merge: {path} is not a readable plan.json ({type(e).__name__}: {e}).") from e
+            raise PlanError(f"{option}: {path} is not a readable plan.json ({type(e).__name__}: {e}).") from e
         if not payload.get("complete", True):
             print(f"note: {path} is from a plan that had not finished (partial); merging what it has.")
         for r in loaded:

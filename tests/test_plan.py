@@ -194,6 +194,9 @@ def test_search_with_a_small_fake_hbm_compiles_until_it_overflows(planner, reg, 
     results2, rows2 = plan.run(args, rest, planner=fresh)
     assert rows2[0]["max_batch"] == 1 and rows2[0]["tried"] == [1, 2]
     assert [r.total_bytes for r in results2] == [r.total_bytes for r in results]
+    args.reuse = [str(tmp_path / "missing.json")]
+    with pytest.raises(plan.PlanError, match="--reuse: .*missing.json is not a readable plan.json"):
+        plan.run(args, rest, planner=fresh)
 
 
 def _fake(target, batch, **kw):
