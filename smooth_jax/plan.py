@@ -66,7 +66,7 @@ class Target:
     platform: str  # "tpu" | "cuda"
     chip: str
     devices: int
-    hbm_bytes: int
+    hbm_bytes: int  # what a program may use: TPU, the HBM libtpu's compiler allows; GPU, the target config's
     peak_flops: float
     peak_flops_f32: float
     hbm_bandwidth: float  # bytes/s
@@ -77,20 +77,25 @@ class Target:
 def _tpu(name, chip, topology_name, bounds, devices, hbm, flops, bw, source, chip_config="default"):
     topo = dict(topology_name=topology_name, chip_config_name=chip_config, chips_per_host_bounds=bounds,
                 num_slices=1, wrap=(False, False, False))
-    return Target(name, "tpu", chip, devices, hbm, flops, flops, bw, topo, source)
+    return Target(name, "tpu", chip, devices, int(hbm), flops, flops, bw, topo, source)
 
+
+# HBM per chip that libtpu's compiler lets one program use (GiB), a little under the datasheet's
+# (32 / 16 / 95 / 32 GiB): what its "exceeds available HBM (X G)" error names. Checked by
+# tests/test_plan.py::test_tpu_hbm_is_what_libtpu_allows, which compiles an oversized program.
+TPU_AVAILABLE_HBM_GIB = {"v4-8": 30.75, "v5e-16": 15.75, "v5p-8": 95.74, "v6e-8": 31.25}
 
 TARGETS: dict[str, Target] = {t.name: t for t in [
     # cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16, 32 GiB HBM2, 1200 GB/s per chip. v4-8 = 4 chips
     # on one host; each chip's two TensorCores run as one megacore device.
-    _tpu("v4-8", "TPU v4", "v4:2x2x1", (2, 2, 1), 4, 32 * GiB, 275e12, 1200e9,
+    _tpu("v4-8", "TPU v4", "v4:2x2x1", (2, 2, 1), 4, TPU_AVAILABLE_HBM_GIB["v4-8"] * GiB, 275e12, 1200e9,
          "cloud.google.com/tpu/docs/v4", chip_config="megacore"),
     # cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16, 16 GiB HBM2, 819 GB/s. v5e-16 = 4x4 chips, 4 hosts of 2x2.
-    _tpu("v5e-16", "TPU v5e", "v5e:4x4", (2, 2, 1), 16, 16 * GiB, 197e12, 819e9, "cloud.google.com/tpu/docs/v5e"),
+    _tpu("v5e-16", "TPU v5e", "v5e:4x4", (2, 2, 1), 16, TPU_AVAILABLE_HBM_GIB["v5e-16"] * GiB, 197e12, 819e9, "cloud.google.com/tpu/docs/v5e"),
     # cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16, 95 GiB HBM2e, 2765 GB/s. v5p-8 = 4 chips (megacore).
-    _tpu("v5p-8", "TPU v5p", "v5p:2x2x1", (2, 2, 1), 4, 95 * GiB, 459e12, 2765e9, "cloud.google.com/tpu/docs/v5p"),
+    _tpu("v5p-8", "TPU v5p", "v5p:2x2x1", (2, 2, 1), 4, TPU_AVAILABLE_HBM_GIB["v5p-8"] * GiB, 459e12, 2765e9, "cloud.google.com/tpu/docs/v5p"),
     # cloud.google.com/tpu/docs/v6e: 918 TFLOP/s bf16, 32 GiB HBM, 1638 GB/s. v6e-8 = 2x4 chips on one host.
-    _tpu("v6e-8", "TPU v6e", "v6e:2x4", (2, 4, 1), 8, 32 * GiB, 918e12, 1638e9, "cloud.google.com/tpu/docs/v6e"),
+    _tpu("v6e-8", "TPU v6e", "v6e:2x4", (2, 4, 1), 8, TPU_AVAILABLE_HBM_GIB["v6e-8"] * GiB, 918e12, 1638e9, "cloud.google.com/tpu/docs/v6e"),
     # NVIDIA A100 datasheet: bf16 tensor core 312 TFLOP/s dense (624 sparse), TF32 156 dense,
     # 80 GB HBM2e at 2039 GB/s (SXM4). HBM size as the target config reports it.
     Target("8xa100", "cuda", "A100-SXM4-80GB", 8, 85_100_068_864, 312e12, 156e12, 2039e9,
@@ -646,9 +651,10 @@ def search_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-NOTES = """Per device. `total` = arguments + outputs - donated (aliased) + temporaries + code; on TPU an HBM
-overflow is a compile error, on GPU `fits` compares `total` with the whole HBM (JAX preallocates 75% of
-it by default: set XLA_PYTHON_CLIENT_MEM_FRACTION=.95 to use it). FLOPs are the step's matmuls and
+NOTES = """Per device. `total` = arguments + outputs - donated (aliased) + temporaries + code; `fits`
+compares it with `HBM`: on TPU the HBM libtpu's compiler lets a program use (a little under the
+datasheet's; a larger overflow is a compile error), on GPU the whole HBM (JAX preallocates 75% of it
+by default: set XLA_PYTHON_CLIENT_MEM_FRACTION=.95 to use it). FLOPs are the step's matmuls and
 convolutions counted from its jaxpr, loops times their trip count (elementwise work left out: a lower
 bound; XLA's own count, in plan.json as compile_flops, counts a loop body once). Bytes accessed come from
 the TPU compile's cost analysis (loop bodies once, so low where the chunked attention dominates); GPU

@@ -303,3 +303,23 @@ def test_reuse_takes_earlier_compiles_of_the_same_config_only(tmp_path):
     assert set(p.cache) == {("v5p-8", 1, "none", "bfloat16", True), ("v5p-8", 3, "none", "bfloat16", True)}
     r = p.compile("v5p-8", 3, hbm_bytes=4 * plan.GiB)  # from the cache: judged against this run's HBM
     assert r.total_bytes == 5 * plan.GiB and not r.fits and r.config_digest == want
+
+
+@compiles
+def test_tpu_hbm_is_what_libtpu_allows():
+    """A TPU target's HBM is the budget libtpu's compiler names when a program overflows it (a
+    single-device program with 400 GiB of temporaries), so `fits` agrees with the compiler."""
+    import re
+
+    from smooth_jax import runtime
+
+    f = jax.jit(lambda x: (jnp.sin(x) * jnp.cos(x[::-1])).sum())
+    for name, t in plan.TARGETS.items():
+        if t.platform != "tpu":
+            continue
+        x = jax.ShapeDtypeStruct((200 * plan.GiB // 4,), jnp.float32,
+                                 sharding=jax.sharding.SingleDeviceSharding(plan.devices_for(t)[0]))
+        with pytest.raises(Exception, match="exceeds available HBM") as err:
+            runtime.compile_uncached(f.lower(x))
+        available = float(re.search(r"available HBM \(([\d.]+)G\)", str(err.value)).group(1))
+        assert t.hbm_bytes / plan.GiB == pytest.approx(available, abs=0.005), name
