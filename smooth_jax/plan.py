@@ -203,7 +203,7 @@ class Result:
     images_per_s: float = 0.0  # whole pod, at the predicted step time
     compile_s: float = 0.0
     error: str = ""  # compile error (e.g. the HBM overflow on TPU)
-    compiler_options: str = ""  # XLA options a retry needed (GPU_RETRY), "" when the default compile worked
+    compiler_options: str = ""  # XLA options compiled with (--xla-option, GPU_RETRY's retry); "" for XLA's defaults
     config_digest: str = ""  # config_digest() of the compiled config; "" in files from before it was recorded
 
 
@@ -226,17 +226,46 @@ def predicted_step_time(flops: float, bytes_accessed: float, peak_flops: float, 
 GPU_RETRY = ("Couldn't find output tile sizes", {"xla_gpu_enable_triton_gemm": False})
 
 
-def compile_for(target: Target, lowered) -> tuple[Any, str]:
-    """(executable, the XLA options a retry needed or ""), bypassing the persistent cache
-    (topology executables cannot be loaded back from it)."""
+def _options_text(options: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in options.items())
+
+
+def compile_for(target: Target, lowered, options: dict | None = None) -> tuple[Any, str]:
+    """(executable, the XLA options it was compiled with or ""), bypassing the persistent cache
+    (topology executables cannot be loaded back from it). ``options``: the user's (``--xla-option``);
+    a GPU compile that hits XLA's Triton tiling error is retried with GPU_RETRY's added."""
     from smooth_jax import runtime
 
+    options = dict(options or {})
     try:
-        return runtime.compile_uncached(lowered), ""
+        return runtime.compile_uncached(lowered, options or None), _options_text(options)
     except Exception as e:  # noqa: BLE001 - XLA raises its own runtime error types
-        if target.platform != "cuda" or GPU_RETRY[0] not in str(e):
+        if target.platform != "cuda" or GPU_RETRY[0] not in str(e) or GPU_RETRY[1].items() <= options.items():
             raise
-    return runtime.compile_uncached(lowered, GPU_RETRY[1]), ",".join(f"{k}={v}" for k, v in GPU_RETRY[1].items())
+    options.update(GPU_RETRY[1])
+    return runtime.compile_uncached(lowered, options), _options_text(options)
+
+
+def parse_xla_options(items: Sequence[str]) -> dict:
+    """``["xla_gpu_enable_triton_gemm=false", ...]`` -> {name: bool | int | float | str}."""
+    out = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name.startswith("xla_"):
+            raise PlanError(f"--xla-option {item!r}: expected NAME=VALUE with an XLA option name (xla_...).")
+        low = text.strip().lower()
+        if low in ("true", "false"):
+            out[name] = low == "true"
+            continue
+        for kind in (int, float):
+            try:
+                out[name] = kind(text)
+                break
+            except ValueError:
+                pass
+        else:
+            out[name] = text
+    return out
 
 
 def _is_oom(err: Exception) -> bool:
@@ -261,12 +290,14 @@ def _config(base_config, model: str, remat: str, dtype: str, resolution: int, pl
     return c
 
 
-def config_digest(config) -> str:
-    """Short hash of the config a step was compiled from: ``--reuse`` takes an earlier compile
-    only for the same config (the remat/dtype/resolution/attention it was built with included)."""
+def config_digest(config, xla_options: dict | None = None) -> str:
+    """Short hash of the config a step was compiled from (and the ``--xla-option``s, when any):
+    ``--reuse`` takes an earlier compile only for the same config (the remat/dtype/resolution/
+    attention it was built with included) and options."""
     import hashlib
 
-    blob = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    payload = config.to_dict() if not xla_options else {"config": config.to_dict(), "xla": dict(xla_options)}
+    blob = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -396,7 +427,8 @@ class Planner:
     """Compiles the train step for targets; caches per (target, remat, dtype, batch, regularized)."""
 
     def __init__(self, model: str = "sd15", resolution: int = 512, inputs: str = "images", base_config=None,
-                 hbm_override: int | None = None, on_compile: Callable[[str], None] | None = None):
+                 hbm_override: int | None = None, on_compile: Callable[[str], None] | None = None,
+                 xla_options: dict | None = None):
         from smooth_jax import config_loader
 
         prepare_gpu_plugin()
@@ -404,6 +436,7 @@ class Planner:
         self.base_config = base_config if base_config is not None else config_loader.load_config(BASE_CONFIG)
         self.hbm_override = hbm_override  # bytes per device, instead of the chip's HBM
         self.on_compile = on_compile
+        self.xla_options = dict(xla_options or {})  # passed to every compile, recorded in each Result
         self._devices: dict[str, list] = {}
         self._models: dict[str, Any] = {}
         self._shapes = None
@@ -411,7 +444,8 @@ class Planner:
 
     def digest(self, target: Target | str, remat: str, dtype: str) -> str:
         target = TARGETS[target] if isinstance(target, str) else target
-        return config_digest(_config(self.base_config, self.model, remat, dtype, self.resolution, target.platform))
+        return config_digest(_config(self.base_config, self.model, remat, dtype, self.resolution, target.platform),
+                             self.xla_options)
 
     def reuse(self, results: Sequence[Result], default_config: bool) -> list[Result]:
         """Take earlier compiles (e.g. from ``merge_outputs``) as if compiled here, so that a
@@ -510,9 +544,9 @@ class Planner:
         t0 = time.perf_counter()
         lowered, step, per_device, config = self.lower(target, batch, remat, dtype, regularized)
         r.attention = str(config.train.attention)
-        r.config_digest = config_digest(config)
+        r.config_digest = config_digest(config, self.xla_options)
         try:
-            compiled, r.compiler_options = compile_for(target, lowered)
+            compiled, r.compiler_options = compile_for(target, lowered, self.xla_options)
         except Exception as e:  # noqa: BLE001 - an HBM overflow is a compile error on TPU
             if not _is_oom(e):
                 raise
@@ -697,7 +731,7 @@ def run(args, overrides: Sequence[str] = (), planner: Planner | None = None) -> 
     on_compile = lambda what: bar.set_postfix_str(what, refresh=True)  # noqa: E731
     if planner is None:
         planner = Planner(model=args.model, resolution=args.resolution, inputs=args.inputs, base_config=base,
-                          on_compile=on_compile)
+                          on_compile=on_compile, xla_options=parse_xla_options(getattr(args, "xla_option", None) or []))
     elif (planner.model, planner.resolution, planner.inputs) != (args.model, args.resolution, args.inputs):
         raise ValueError("run(): the planner was made for another model, resolution or inputs.")
     hbm = int(args.hbm_gib * GiB) if args.hbm_gib else None
@@ -848,5 +882,8 @@ def register(sub) -> None:
     p.add_argument("--reuse", nargs="+", default=None, metavar="PLAN_JSON",
                    help="take the compiles in these plan.json files (same model, resolution, inputs and config) "
                         "instead of compiling them again: resumes a stopped --search, or extends one")
+    p.add_argument("--xla-option", nargs="+", default=None, metavar="NAME=VALUE",
+                   help="XLA options for every compile, as a job would set them in XLA_FLAGS, e.g. "
+                        "xla_gpu_enable_triton_gemm=false (cuBLAS GEMMs: less GPU memory at SD-1.5 size)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_plan, takes_overrides=True)

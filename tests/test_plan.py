@@ -256,6 +256,30 @@ def test_gpu_triton_tiling_error_is_retried_with_cublas_and_recorded():
     assert "| 0 (xla_gpu_enable_triton_gemm=False) |" in plan.markdown_table([row])
 
 
+def test_xla_options_are_parsed_passed_to_the_compile_and_recorded():
+    """`plan --xla-option`: typed values, every compile gets them (the Triton retry adds to them,
+    and is not tried again when the user already turned Triton GEMMs off), and the digest differs."""
+    opts = plan.parse_xla_options(["xla_gpu_enable_triton_gemm=false", "xla_gpu_autotune_level=0", "xla_x=a b"])
+    assert opts == {"xla_gpu_enable_triton_gemm": False, "xla_gpu_autotune_level": 0, "xla_x": "a b"}
+    for bad in ("triton=false", "xla_gpu_enable_triton_gemm"):
+        with pytest.raises(plan.PlanError, match=f"--xla-option '{bad}'"):
+            plan.parse_xla_options([bad])
+    low = _Lowered(plan.GPU_RETRY[0])
+    low.compile = lambda compiler_options=None: low.calls.append(compiler_options) or "executable"
+    assert plan.compile_for(plan.TARGETS["8xh100"], low, {"xla_gpu_autotune_level": 0}) == (
+        "executable", "xla_gpu_autotune_level=0")
+    assert low.calls == [{"xla_gpu_autotune_level": 0}]
+    low = _Lowered(plan.GPU_RETRY[0])  # fails whenever no options are given; here with Triton already off
+    low.compile = lambda compiler_options=None: (low.calls.append(compiler_options),
+                                                 _Lowered(plan.GPU_RETRY[0]).compile(None))
+    with pytest.raises(RuntimeError, match="output tile sizes"):
+        plan.compile_for(plan.TARGETS["8xa100"], low, {"xla_gpu_enable_triton_gemm": False})
+    assert low.calls == [{"xla_gpu_enable_triton_gemm": False}]
+    p0 = plan.Planner(model="tiny", resolution=RES, inputs=INPUTS)
+    p1 = plan.Planner(model="tiny", resolution=RES, inputs=INPUTS, xla_options=opts)
+    assert p0.digest("8xh100", "none", "bfloat16") != p1.digest("8xh100", "none", "bfloat16")
+
+
 def test_missing_libtpu_names_the_install_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "libtpu", None)  # import libtpu -> ImportError
     with pytest.raises(plan.PlanError, match=r"pip install -e '\.\[plan\]'.*install\.sh --plan"):
