@@ -678,7 +678,8 @@ def search_table(rows: Sequence[dict]) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         r = row.get("best")
-        lines.append(f"| {row['target']} | {row['remat']} | {row['compute_dtype']} | {row['max_batch']} "
+        xla = f" ({row['xla_options']})" if row.get("xla_options") else ""
+        lines.append(f"| {row['target']} | {row['remat']} | {row['compute_dtype']}{xla} | {row['max_batch']} "
                      f"| {_gib(r['total_bytes']) if r else ''} | {_ms(r['step_time_s']) if r else ''} "
                      f"| {format(r['images_per_s'], '.3g') if r else ''} | {', '.join(map(str, row['tried']))}"
                      + (f" ({row['note']})" if row.get("note") else "") + " |")
@@ -771,7 +772,8 @@ def run(args, overrides: Sequence[str] = (), planner: Planner | None = None) -> 
                     results.extend(planner.compile(name, b, remat, dtype, hbm_bytes=hbm) for b in tried)
                     best_r = planner.compile(name, best, remat, dtype, hbm_bytes=hbm) if best else None
                     row = {"target": name, "remat": remat, "compute_dtype": dtype, "max_batch": best, "tried": tried,
-                           "best": dataclasses.asdict(best_r) if best_r else None}
+                           "best": dataclasses.asdict(best_r) if best_r else None,
+                           "xla_options": _options_text(planner.xla_options)}
                     search_rows.append(row)
                 else:
                     for reg in steps:
@@ -781,14 +783,19 @@ def run(args, overrides: Sequence[str] = (), planner: Planner | None = None) -> 
 
 
 def _result_key(r: Result) -> tuple:
-    return (r.target, r.model, r.resolution, r.inputs, r.regularized, r.remat, r.compute_dtype, r.batch_per_device)
+    return (r.target, r.model, r.resolution, r.inputs, r.regularized, r.remat, r.compute_dtype, r.batch_per_device,
+            r.compiler_options)
+
+
+def _row_key(row: dict) -> tuple:
+    return row["target"], row["remat"], row["compute_dtype"], row.get("xla_options", "")
 
 
 def merge_outputs(paths: Sequence[str | Path], option: str = "--merge") -> tuple[list[Result], list[dict]]:
     """Join plan.json files of separate runs (an SD-1.5 compile takes minutes, so one target per
     run is the practical way) into one report. A later file's entry replaces an earlier one's for
-    the same (target, model, resolution, inputs, step, remat, dtype, batch), or search row for the
-    same (target, remat, dtype); results are ordered as TARGETS lists the targets."""
+    the same (target, model, resolution, inputs, step, remat, dtype, batch, XLA options), or search
+    row for the same (target, remat, dtype, XLA options); results are ordered as TARGETS lists the targets."""
     fields = {f.name for f in dataclasses.fields(Result)}
     results: dict[tuple, Result] = {}
     rows: dict[tuple, dict] = {}
@@ -804,12 +811,12 @@ def merge_outputs(paths: Sequence[str | Path], option: str = "--merge") -> tuple
         for r in loaded:
             results[_result_key(r)] = r
         for row in search:
-            rows[(row["target"], row["remat"], row["compute_dtype"])] = row
+            rows[_row_key(row)] = row
     order = {name: i for i, name in enumerate(TARGETS)}
     rank = lambda name: order.get(name, len(order))  # noqa: E731
     merged = sorted(results.values(), key=lambda r: (rank(r.target), not r.regularized, r.remat, r.compute_dtype,
                                                       r.batch_per_device))
-    merged_rows = sorted(rows.values(), key=lambda row: (rank(row["target"]), row["remat"], row["compute_dtype"]))
+    merged_rows = sorted(rows.values(), key=lambda row: (rank(row["target"]), *_row_key(row)[1:]))
     return merged, merged_rows
 
 

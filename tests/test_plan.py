@@ -214,13 +214,17 @@ def test_merge_joins_runs_in_target_order(tmp_path, capsys):
     gpu_row = {"target": "8xh100", "remat": "none", "compute_dtype": "bfloat16", "max_batch": 3, "tried": [1, 2, 3, 4],
                "best": None}
     plan.write_outputs(tmp_path / "a", [_fake("8xh100", 1), _fake("v6e-8", 1, compile_s=1.0)], [gpu_row])
-    plan.write_outputs(tmp_path / "b", [_fake("v6e-8", 1, compile_s=2.0), _fake("v4-8", 2)], partial=True)
+    cublas = "xla_gpu_enable_triton_gemm=False"  # another compile of the same batch: kept beside it
+    plan.write_outputs(tmp_path / "b", [_fake("v6e-8", 1, compile_s=2.0), _fake("v4-8", 2),
+                                        _fake("8xh100", 1, compiler_options=cublas)],
+                       [dict(gpu_row, max_batch=4, xla_options=cublas)], partial=True)
     files = [str(tmp_path / d / "plan.json") for d in "ab"]
     assert cli.main(["plan", "--merge", *files, "--out", str(tmp_path / "all")]) == 0
     payload = json.loads((tmp_path / "all" / "plan.json").read_text())
-    got = [(r["target"], r["batch_per_device"], r["compile_s"]) for r in payload["results"]]
-    assert got == [("v4-8", 2, 0.0), ("v6e-8", 1, 2.0), ("8xh100", 1, 0.0)]
-    assert payload["complete"] and [r["max_batch"] for r in payload["search"]] == [3]
+    got = [(r["target"], r["batch_per_device"], r["compile_s"], r["compiler_options"]) for r in payload["results"]]
+    assert got == [("v4-8", 2, 0.0, ""), ("v6e-8", 1, 2.0, ""), ("8xh100", 1, 0.0, ""), ("8xh100", 1, 0.0, cublas)]
+    assert payload["complete"] and [r["max_batch"] for r in payload["search"]] == [3, 4]
+    assert f"| 8xh100 | none | bfloat16 ({cublas}) | 4 |" in (tmp_path / "all" / "plan.md").read_text()
     md = (tmp_path / "all" / "plan.md").read_text()
     assert md.index("| v4-8 |") < md.index("| v6e-8 |") < md.index("| 8xh100 |") and "partial" not in md
     assert "had not finished" in capsys.readouterr().out
