@@ -74,28 +74,29 @@ class Target:
     source: str  # where the chip numbers come from
 
 
-def _tpu(name, chip, topology_name, bounds, devices, hbm, flops, bw, source, chip_config="default"):
-    topo = dict(topology_name=topology_name, chip_config_name=chip_config, chips_per_host_bounds=bounds,
-                num_slices=1, wrap=(False, False, False))
-    return Target(name, "tpu", chip, devices, int(hbm), flops, flops, bw, topo, source)
-
-
 # HBM per chip that libtpu's compiler lets one program use (GiB), a little under the datasheet's
 # (32 / 16 / 95 / 32 GiB): what its "exceeds available HBM (X G)" error names. Checked by
 # tests/test_plan.py::test_tpu_hbm_is_what_libtpu_allows, which compiles an oversized program.
 TPU_AVAILABLE_HBM_GIB = {"v4-8": 30.75, "v5e-16": 15.75, "v5p-8": 95.74, "v6e-8": 31.25}
 
+
+def _tpu(name, chip, topology_name, bounds, devices, flops, bw, source, chip_config="default"):
+    topo = dict(topology_name=topology_name, chip_config_name=chip_config, chips_per_host_bounds=bounds,
+                num_slices=1, wrap=(False, False, False))
+    hbm = int(TPU_AVAILABLE_HBM_GIB[name] * GiB)
+    return Target(name, "tpu", chip, devices, hbm, flops, flops, bw, topo, source)
+
 TARGETS: dict[str, Target] = {t.name: t for t in [
     # cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16, 32 GiB HBM2, 1200 GB/s per chip. v4-8 = 4 chips
     # on one host; each chip's two TensorCores run as one megacore device.
-    _tpu("v4-8", "TPU v4", "v4:2x2x1", (2, 2, 1), 4, TPU_AVAILABLE_HBM_GIB["v4-8"] * GiB, 275e12, 1200e9,
+    _tpu("v4-8", "TPU v4", "v4:2x2x1", (2, 2, 1), 4, 275e12, 1200e9,
          "cloud.google.com/tpu/docs/v4", chip_config="megacore"),
     # cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16, 16 GiB HBM2, 819 GB/s. v5e-16 = 4x4 chips, 4 hosts of 2x2.
-    _tpu("v5e-16", "TPU v5e", "v5e:4x4", (2, 2, 1), 16, TPU_AVAILABLE_HBM_GIB["v5e-16"] * GiB, 197e12, 819e9, "cloud.google.com/tpu/docs/v5e"),
+    _tpu("v5e-16", "TPU v5e", "v5e:4x4", (2, 2, 1), 16, 197e12, 819e9, "cloud.google.com/tpu/docs/v5e"),
     # cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16, 95 GiB HBM2e, 2765 GB/s. v5p-8 = 4 chips (megacore).
-    _tpu("v5p-8", "TPU v5p", "v5p:2x2x1", (2, 2, 1), 4, TPU_AVAILABLE_HBM_GIB["v5p-8"] * GiB, 459e12, 2765e9, "cloud.google.com/tpu/docs/v5p"),
+    _tpu("v5p-8", "TPU v5p", "v5p:2x2x1", (2, 2, 1), 4, 459e12, 2765e9, "cloud.google.com/tpu/docs/v5p"),
     # cloud.google.com/tpu/docs/v6e: 918 TFLOP/s bf16, 32 GiB HBM, 1638 GB/s. v6e-8 = 2x4 chips on one host.
-    _tpu("v6e-8", "TPU v6e", "v6e:2x4", (2, 4, 1), 8, TPU_AVAILABLE_HBM_GIB["v6e-8"] * GiB, 918e12, 1638e9, "cloud.google.com/tpu/docs/v6e"),
+    _tpu("v6e-8", "TPU v6e", "v6e:2x4", (2, 4, 1), 8, 918e12, 1638e9, "cloud.google.com/tpu/docs/v6e"),
     # NVIDIA A100 datasheet: bf16 tensor core 312 TFLOP/s dense (624 sparse), TF32 156 dense,
     # 80 GB HBM2e at 2039 GB/s (SXM4). HBM size as the target config reports it.
     Target("8xa100", "cuda", "A100-SXM4-80GB", 8, 85_100_068_864, 312e12, 156e12, 2039e9,
@@ -461,10 +462,18 @@ class Planner:
             want = self.digest(r.target, r.remat, r.compute_dtype)
             if r.config_digest != want and not (not r.config_digest and default_config):
                 continue
-            key = (r.target, int(r.batch_per_device), r.remat, r.compute_dtype, bool(r.regularized))
+            key = self._key(r.target, r.batch_per_device, r.remat, r.compute_dtype, r.regularized)
             self.cache[key] = dataclasses.replace(r, config_digest=want)
             taken.append(r)
         return taken
+
+    @staticmethod
+    def _key(target: str, batch: int, remat: str, dtype: str, regularized: bool) -> tuple:
+        return target, int(batch), remat, dtype, bool(regularized)
+
+    def compiled_batches(self, target: str, remat: str, dtype: str) -> list[int]:
+        """Batches of the regularized step already compiled (or reused) for this combination."""
+        return sorted(k[1] for k in self.cache if k == self._key(target, k[1], remat, dtype, True))
 
     def devices(self, target: Target) -> list:
         if target.name not in self._devices:
@@ -526,7 +535,7 @@ class Planner:
         planner's ``hbm_override`` or the chip's HBM)."""
         target = TARGETS[target] if isinstance(target, str) else target
         hbm = int(hbm_bytes or self.hbm_override or target.hbm_bytes)
-        key = (target.name, int(batch), remat, dtype, bool(regularized))
+        key = self._key(target.name, batch, remat, dtype, regularized)
         if key not in self.cache:
             self.cache[key] = self._compile(target, int(batch), remat, dtype, bool(regularized))
         r = dataclasses.replace(self.cache[key], hbm_bytes=hbm)
@@ -764,11 +773,12 @@ def run(args, overrides: Sequence[str] = (), planner: Planner | None = None) -> 
                         return r.fits, r.total_bytes
 
                     target_hbm = hbm or TARGETS[name].hbm_bytes
-                    known = {k[1]: planner.compile(name, k[1], remat, dtype, hbm_bytes=hbm)
-                             for k in list(planner.cache) if k[0] == name and k[2:] == (remat, dtype, True)}
+                    known = {}
+                    for b in planner.compiled_batches(name, remat, dtype):  # from --reuse: not compiled again
+                        r = planner.compile(name, b, remat, dtype, hbm_bytes=hbm)
+                        known[b] = (r.fits, r.total_bytes)
                     best, tried = search_batch(measure, target_hbm, max_batch=args.max_batch,
-                                               refine=not args.no_refine,
-                                               known={b: (r.fits, r.total_bytes) for b, r in known.items()})
+                                               refine=not args.no_refine, known=known)
                     results.extend(planner.compile(name, b, remat, dtype, hbm_bytes=hbm) for b in tried)
                     best_r = planner.compile(name, best, remat, dtype, hbm_bytes=hbm) if best else None
                     row = {"target": name, "remat": remat, "compute_dtype": dtype, "max_batch": best, "tried": tried,
