@@ -247,13 +247,18 @@ def compile_for(target: Target, lowered, options: dict | None = None) -> tuple[A
     return runtime.compile_uncached(lowered, options), _options_text(options)
 
 
+# Compile options that jax sets on XLA's build options rather than its debug options.
+BUILD_OPTIONS = ("exec_time_optimization_effort", "memory_fitting_effort", "optimization_level", "memory_fitting_level")
+
+
 def parse_xla_options(items: Sequence[str]) -> dict:
     """``["xla_gpu_enable_triton_gemm=false", ...]`` -> {name: bool | int | float | str}."""
     out = {}
     for item in items:
         name, sep, text = item.partition("=")
-        if not sep or not name.startswith("xla_"):
-            raise PlanError(f"--xla-option {item!r}: expected NAME=VALUE with an XLA option name (xla_...).")
+        if not sep or not (name.startswith("xla_") or name in BUILD_OPTIONS):
+            raise PlanError(f"--xla-option {item!r}: expected NAME=VALUE with an XLA option name (xla_...) "
+                            f"or one of {', '.join(BUILD_OPTIONS)}.")
         low = text.strip().lower()
         if low in ("true", "false"):
             out[name] = low == "true"
@@ -901,6 +906,7 @@ def register(sub) -> None:
                         "instead of compiling them again: resumes a stopped --search, or extends one")
     p.add_argument("--xla-option", nargs="+", default=None, metavar="NAME=VALUE",
                    help="XLA options for every compile, as a job would set them in XLA_FLAGS, e.g. "
-                        "xla_gpu_enable_triton_gemm=false (cuBLAS GEMMs: less GPU memory at SD-1.5 size)")
+                        "xla_gpu_enable_triton_gemm=false (cuBLAS GEMMs: less GPU memory at SD-1.5 size); also "
+                        "jax's build options: " + ", ".join(BUILD_OPTIONS))
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_plan, takes_overrides=True)

@@ -265,7 +265,10 @@ def test_xla_options_are_parsed_passed_to_the_compile_and_recorded():
     and is not tried again when the user already turned Triton GEMMs off), and the digest differs."""
     opts = plan.parse_xla_options(["xla_gpu_enable_triton_gemm=false", "xla_gpu_autotune_level=0", "xla_x=a b"])
     assert opts == {"xla_gpu_enable_triton_gemm": False, "xla_gpu_autotune_level": 0, "xla_x": "a b"}
-    for bad in ("triton=false", "xla_gpu_enable_triton_gemm"):
+    # jax's build options (not XLA debug options) are taken by name too.
+    assert plan.parse_xla_options(["exec_time_optimization_effort=-1", "memory_fitting_level=39"]) == {
+        "exec_time_optimization_effort": -1, "memory_fitting_level": 39}
+    for bad in ("triton=false", "xla_gpu_enable_triton_gemm", "optimization_effort=1"):
         with pytest.raises(plan.PlanError, match=f"--xla-option '{bad}'"):
             plan.parse_xla_options([bad])
     low = _Lowered(plan.GPU_RETRY[0])
