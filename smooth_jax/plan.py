@@ -249,6 +249,8 @@ def compile_for(target: Target, lowered, options: dict | None = None) -> tuple[A
 
 # Compile options that jax sets on XLA's build options rather than its debug options.
 BUILD_OPTIONS = ("exec_time_optimization_effort", "memory_fitting_effort", "optimization_level", "memory_fitting_level")
+# The *_level options take XLA's effort levels, whose numbers are not their names.
+EFFORT_LEVELS = {"o0": 9, "o1": 19, "o2": 29, "o3": 39}
 
 
 def parse_xla_options(items: Sequence[str]) -> dict:
@@ -260,6 +262,9 @@ def parse_xla_options(items: Sequence[str]) -> dict:
             raise PlanError(f"--xla-option {item!r}: expected NAME=VALUE with an XLA option name (xla_...) "
                             f"or one of {', '.join(BUILD_OPTIONS)}.")
         low = text.strip().lower()
+        if name.endswith("_level") and name in BUILD_OPTIONS and low in EFFORT_LEVELS:
+            out[name] = EFFORT_LEVELS[low]
+            continue
         if low in ("true", "false"):
             out[name] = low == "true"
             continue

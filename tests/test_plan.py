@@ -266,8 +266,9 @@ def test_xla_options_are_parsed_passed_to_the_compile_and_recorded():
     opts = plan.parse_xla_options(["xla_gpu_enable_triton_gemm=false", "xla_gpu_autotune_level=0", "xla_x=a b"])
     assert opts == {"xla_gpu_enable_triton_gemm": False, "xla_gpu_autotune_level": 0, "xla_x": "a b"}
     # jax's build options (not XLA debug options) are taken by name too.
-    assert plan.parse_xla_options(["exec_time_optimization_effort=-1", "memory_fitting_level=39"]) == {
-        "exec_time_optimization_effort": -1, "memory_fitting_level": 39}
+    assert plan.parse_xla_options(["exec_time_optimization_effort=-1", "memory_fitting_level=O3",
+                                   "optimization_level=19"]) == {
+        "exec_time_optimization_effort": -1, "memory_fitting_level": 39, "optimization_level": 19}
     for bad in ("triton=false", "xla_gpu_enable_triton_gemm", "optimization_effort=1"):
         with pytest.raises(plan.PlanError, match=f"--xla-option '{bad}'"):
             plan.parse_xla_options([bad])
