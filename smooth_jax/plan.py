@@ -86,6 +86,7 @@ def _tpu(name, chip, topology_name, bounds, devices, flops, bw, source, chip_con
     hbm = int(TPU_AVAILABLE_HBM_GIB[name] * GiB)
     return Target(name, "tpu", chip, devices, hbm, flops, flops, bw, topo, source)
 
+
 TARGETS: dict[str, Target] = {t.name: t for t in [
     # cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16, 32 GiB HBM2, 1200 GB/s per chip. v4-8 = 4 chips
     # on one host; each chip's two TensorCores run as one megacore device.
