@@ -35,7 +35,10 @@ import dataclasses
 import gc
 import json
 import os
+import signal
+import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -207,6 +210,7 @@ class Result:
     error: str = ""  # compile error (e.g. the HBM overflow on TPU)
     compiler_options: str = ""  # XLA options compiled with (--xla-option, GPU_RETRY's retry); "" for XLA's defaults
     config_digest: str = ""  # config_digest() of the compiled config; "" in files from before it was recorded
+    compile_rss_bytes: int = 0  # peak host RAM of the compiling process (its own child process unless in-process)
 
 
 def total_memory(mem) -> int:
@@ -440,7 +444,11 @@ class Planner:
 
     def __init__(self, model: str = "sd15", resolution: int = 512, inputs: str = "images", base_config=None,
                  hbm_override: int | None = None, on_compile: Callable[[str], None] | None = None,
-                 xla_options: dict | None = None):
+                 xla_options: dict | None = None, isolate: bool = False):
+        """``isolate``: compile each step in a child process of its own. An SD-1.5 compile holds
+        many GB of host RAM that a long-lived process does not give back (a TPU search with remat
+        grew to ~39 GB by its fifth compile, although every executable was dropped); a child that
+        exits does, so a search needs one compile's RAM. Costs a jax start-up (seconds) per compile."""
         from smooth_jax import config_loader
 
         prepare_gpu_plugin()
@@ -449,6 +457,7 @@ class Planner:
         self.hbm_override = hbm_override  # bytes per device, instead of the chip's HBM
         self.on_compile = on_compile
         self.xla_options = dict(xla_options or {})  # passed to every compile, recorded in each Result
+        self.isolate = bool(isolate)
         self._devices: dict[str, list] = {}
         self._models: dict[str, Any] = {}
         self._shapes = None
@@ -548,10 +557,22 @@ class Planner:
         hbm = int(hbm_bytes or self.hbm_override or target.hbm_bytes)
         key = self._key(target.name, batch, remat, dtype, regularized)
         if key not in self.cache:
-            self.cache[key] = self._compile(target, int(batch), remat, dtype, bool(regularized))
+            if self.isolate:
+                self.cache[key] = self._compile_in_child(target, int(batch), remat, dtype, bool(regularized))
+            else:
+                self.cache[key] = self._compile(target, int(batch), remat, dtype, bool(regularized))
         r = dataclasses.replace(self.cache[key], hbm_bytes=hbm)
         r.fits = not r.error and r.total_bytes <= hbm
         return r
+
+    def _compile_in_child(self, target: Target, batch: int, remat: str, dtype: str, regularized: bool) -> Result:
+        what = f"{target.name} {'reg' if regularized else 'plain'} remat={remat} {dtype} batch {batch}"
+        if self.on_compile:
+            self.on_compile(f"{target.name} {'reg' if regularized else 'plain'} remat={remat} {dtype} b={batch}")
+        spec = dict(model=self.model, resolution=self.resolution, inputs=self.inputs, base_config=self.base_config,
+                    xla_options=self.xla_options)
+        return run_in_child(_compile_child, (spec, jax_flags(), target.name, batch, remat, dtype, regularized),
+                            what=f"compile of {what}")
 
     def _compile(self, target: Target, batch: int, remat: str, dtype: str, regularized: bool) -> Result:
         import jax
@@ -572,6 +593,7 @@ class Planner:
                 raise
             r.compile_s = time.perf_counter() - t0
             r.error = str(e).strip().splitlines()[0][:300]
+            r.compile_rss_bytes = _peak_rss_bytes()
             del lowered
             jax.clear_caches()
             gc.collect()
@@ -599,11 +621,111 @@ class Planner:
         del compiled, lowered
         jax.clear_caches()
         gc.collect()
+        r.compile_rss_bytes = _peak_rss_bytes()
         peak = target.peak_flops if dtype == "bfloat16" else target.peak_flops_f32
         r.t_compute_s, r.t_memory_s, r.step_time_s = predicted_step_time(r.flops, r.bytes_accessed, peak,
                                                                          target.hbm_bandwidth)
         r.images_per_s = batch * target.devices / r.step_time_s if r.step_time_s > 0 else 0.0
         return r
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak resident memory. On Linux VmHWM, which starts afresh at exec (a spawned
+    child's ru_maxrss would carry its parent's peak over the fork)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # macOS reports bytes, others KiB
+
+
+def jax_flags() -> dict:
+    """The jax config values of this process (``jax.config.update`` calls do not reach a child)."""
+    import jax
+
+    return dict(jax.config.values)
+
+
+def _apply_jax_flags(flags: dict) -> None:
+    import jax
+
+    current = jax.config.values
+    for name, value in flags.items():
+        if name in current and current[name] != value:
+            try:
+                jax.config.update(name, value)
+            except Exception:  # noqa: BLE001 - a flag that cannot change after start-up keeps its value
+                pass
+
+
+def _compile_child(spec: dict, flags: dict, target: str, batch: int, remat: str, dtype: str,
+                   regularized: bool) -> Result:
+    """One compile in a fresh process (``Planner(isolate=True)``), under the parent's jax flags
+    (e.g. jax_default_matmul_precision changes the program)."""
+    from smooth_jax import runtime
+
+    runtime.setup(compilation_cache=False)
+    _apply_jax_flags(flags)
+    return Planner(**spec)._compile(TARGETS[target], batch, remat, dtype, regularized)
+
+
+def _child_main(conn, fn: Callable, args: tuple) -> None:
+    try:
+        reply = ("ok", fn(*args))
+    except BaseException as e:  # noqa: BLE001 - every failure goes back to the parent
+        reply = ("error", e, traceback.format_exc())
+    try:
+        conn.send(reply)
+    except Exception:  # noqa: BLE001 - an exception that does not pickle: send its text
+        conn.send(("error", RuntimeError(f"{type(reply[1]).__name__}: {reply[1]}"), reply[2]))
+    conn.close()
+
+
+def run_in_child(fn: Callable, args: tuple, what: str = "child process"):
+    """``fn(*args)`` in a spawned process (fresh interpreter, nothing of this one's memory), its
+    return value or exception handed back; ``fn`` and ``args`` must pickle. A child that dies
+    without answering (killed for memory, a crash in native code) is a PlanError naming ``what``
+    and how it ended."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # fork would copy this process's heap and jax's threads
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child_main, args=(send, fn, args), daemon=True)
+    proc.start()
+    send.close()  # the parent's copy: recv then sees EOF when the child ends without answering
+    try:
+        reply = recv.recv()
+    except EOFError:
+        reply = None
+    except BaseException:  # interrupted: do not leave a compile running
+        proc.kill()
+        raise
+    finally:
+        recv.close()
+        proc.join()
+    if reply is None:
+        code = proc.exitcode
+        how = f"exit code {code}"
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else "?"
+            how = f"signal {-code} ({name})" + ("; usually the kernel's OOM killer: the compile needs more host RAM"
+                                                 " (add swap, or close other programs)" if code == -9 else "")
+        raise PlanError(f"{what}: the child process ended without a result ({how}).")
+    if reply[0] == "error":
+        err, tb = reply[1], reply[2]
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):
+            raise err
+        if isinstance(err, Exception):
+            if hasattr(err, "add_note"):  # Python 3.11+
+                err.add_note(f"(raised in the child process running the {what}; its traceback:)\n{tb}")
+            raise err
+        raise PlanError(f"{what}: {err!r}\n{tb}")
+    return reply[1]
 
 
 def search_batch(measure: Callable[[int], tuple[bool, int]], hbm_bytes: int, max_batch: int = 256,
@@ -674,13 +796,14 @@ def _ms(x: float) -> str:
 
 def markdown_table(results: Sequence[Result]) -> str:
     head = ("| target | step | attention | remat | compute | batch/dev | args GiB | temp GiB | total GiB | HBM GiB | fits "
-            "| TFLOP/step/dev (matmul+conv) | GB accessed/dev | t_flops ms | t_hbm ms | predicted step ms | img/s (pod) | compile s |")
+            "| TFLOP/step/dev (matmul+conv) | GB accessed/dev | t_flops ms | t_hbm ms | predicted step ms | img/s (pod) | compile s "
+            "| compile RAM GiB |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in results:
         if r.error:
             lines.append(f"| {r.target} | {'reg' if r.regularized else 'plain'} | {r.attention} | {r.remat} | {r.compute_dtype} "
                          f"| {r.batch_per_device} | | | | {_gib(r.hbm_bytes)} | no (compile: HBM overflow) "
-                         f"| | | | | | | {r.compile_s:.0f} |")
+                         f"| | | | | | | {r.compile_s:.0f} | {_rss(r)} |")
             continue
         fl = f"{r.flops / 1e12:.3g}"
         by = f"{r.bytes_accessed / 1e9:.3g}" + ("" if r.bytes_source == "compile" else " (est.)")
@@ -689,8 +812,12 @@ def markdown_table(results: Sequence[Result]) -> str:
             f"| {_gib(r.argument_bytes)} | {_gib(r.temp_bytes)} | {_gib(r.total_bytes)} | {_gib(r.hbm_bytes)} "
             f"| {'yes' if r.fits else 'no'} | {fl} | {by} | {_ms(r.t_compute_s)} | {_ms(r.t_memory_s)} "
             f"| {_ms(r.step_time_s)} | {r.images_per_s:.3g} | {r.compile_s:.0f}"
-            + (f" ({r.compiler_options})" if r.compiler_options else "") + " |")
+            + (f" ({r.compiler_options})" if r.compiler_options else "") + f" | {_rss(r)} |")
     return "\n".join(lines)
+
+
+def _rss(r: Result) -> str:
+    return _gib(r.compile_rss_bytes) if r.compile_rss_bytes else ""  # not recorded before it was measured
 
 
 def search_table(rows: Sequence[dict]) -> str:
@@ -715,7 +842,8 @@ bound; XLA's own count, in plan.json as compile_flops, counts a loop body once).
 the TPU compile's cost analysis (loop bodies once, so low where the chunked attention dominates); GPU
 compiles report none, so there they are estimated as arguments + outputs + 2 x temporaries.
 Predicted step = max(FLOPs / peak, bytes / HBM bandwidth) at the chip's peak (bf16, or TF32 on GPU for
-fp32 compute): a roofline lower bound. One step here is one micro-batch (grad_accum = 1)."""
+fp32 compute): a roofline lower bound. One step here is one micro-batch (grad_accum = 1). Compile RAM:
+the peak host memory of the process that compiled it (a child process per compile, unless --in-process)."""
 
 
 def report_markdown(results: Sequence[Result], search_rows: Sequence[dict] = ()) -> str:
@@ -752,7 +880,8 @@ def run(args, overrides: Sequence[str] = (), planner: Planner | None = None) -> 
     on_compile = lambda what: bar.set_postfix_str(what, refresh=True)  # noqa: E731
     if planner is None:
         planner = Planner(model=args.model, resolution=args.resolution, inputs=args.inputs, base_config=base,
-                          on_compile=on_compile, xla_options=parse_xla_options(getattr(args, "xla_option", None) or []))
+                          on_compile=on_compile, xla_options=parse_xla_options(getattr(args, "xla_option", None) or []),
+                          isolate=not getattr(args, "in_process", False))
     elif (planner.model, planner.resolution, planner.inputs) != (args.model, args.resolution, args.inputs):
         raise ValueError("run(): the planner was made for another model, resolution or inputs.")
     hbm = int(args.hbm_gib * GiB) if args.hbm_gib else None
@@ -914,5 +1043,8 @@ def register(sub) -> None:
                    help="XLA options for every compile, as a job would set them in XLA_FLAGS, e.g. "
                         "xla_gpu_enable_triton_gemm=false (cuBLAS GEMMs: less GPU memory at SD-1.5 size); also "
                         "jax's build options: " + ", ".join(BUILD_OPTIONS))
+    p.add_argument("--in-process", action="store_true",
+                   help="compile in this process instead of a child process per compile (faster for small models; "
+                        "an SD-1.5 search's host RAM then grows with every compile)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=cmd_plan, takes_overrides=True)

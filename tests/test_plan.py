@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
+import signal
 import sys
 
 import jax
@@ -197,6 +199,41 @@ def test_search_with_a_small_fake_hbm_compiles_until_it_overflows(planner, reg, 
     args.reuse = [str(tmp_path / "missing.json")]
     with pytest.raises(plan.PlanError, match="--reuse: .*missing.json is not a readable plan.json"):
         plan.run(args, rest, planner=fresh)
+
+
+@compiles
+def test_the_cli_compiles_in_a_child_process_with_the_same_result(reg, tmp_path):
+    """The plan command's default: each compile in a spawned process (an SD-1.5 search's host RAM
+    then stays at one compile's). Its numbers are the in-process compile's, and it reports the
+    child's peak RAM."""
+    from smooth_jax import cli
+
+    args, rest = cli.build_parser().parse_known_args(
+        ["plan", "--model", "tiny", "--targets", TPU, "--resolution", str(RES), "--inputs", INPUTS,
+         "--dtype", DTYPE, "--no-progress", "--out", str(tmp_path)])
+    assert not args.in_process
+    (r,), _ = plan.run(args, rest)
+    for field in ("argument_bytes", "temp_bytes", "total_bytes", "flops", "compile_flops", "bytes_accessed",
+                  "config_digest", "attention"):
+        assert getattr(r, field) == getattr(reg, field), field
+    # The child's own peak (jax + libtpu + this compile): below this process's, which made the same
+    # compile and more, and not this process's carried over the fork (ru_maxrss would be).
+    assert 100 * 2**20 < r.compile_rss_bytes < plan._peak_rss_bytes()
+    assert json.loads((tmp_path / "plan.json").read_text())["results"][0]["compile_rss_bytes"] == r.compile_rss_bytes
+
+
+def test_run_in_child_returns_results_and_reports_failures():
+    """The child runs in another process; its exceptions come back as they were raised; a child
+    killed before answering (as the OOM killer does) is a PlanError naming the work and the signal."""
+    assert plan.run_in_child(os.getpid, ()) != os.getpid()
+    assert plan.run_in_child(divmod, (7, 2)) == (3, 1)
+    with pytest.raises(ValueError, match="invalid literal") as err:
+        plan.run_in_child(int, ("x",), what="compile of v4-8")
+    assert "child process running the compile of v4-8" in "".join(getattr(err.value, "__notes__", []))
+    with pytest.raises(plan.PlanError, match=r"compile of v4-8 .*signal 9 \(SIGKILL\).*OOM killer"):
+        plan.run_in_child(signal.raise_signal, (signal.SIGKILL,), what="compile of v4-8 reg")
+    with pytest.raises(plan.PlanError, match=r"exit code 3"):
+        plan.run_in_child(os._exit, (3,))
 
 
 def _fake(target, batch, **kw):
