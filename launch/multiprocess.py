@@ -21,6 +21,8 @@ import subprocess
 import sys
 import threading
 
+from smooth_jax.runtime import describe_exit
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -72,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
             except subprocess.TimeoutExpired:
                 continue
             remaining.remove(proc)
-            if rc:  # say which host went down and how: a -9 here is usually the kernel's OOM killer
-                how = f"signal {-rc}" if rc < 0 else f"exit code {rc}"
-                print(f"[launcher] process {procs.index(proc)} ended with {how}", file=sys.stderr, flush=True)
+            if rc:  # say which host went down and how
+                print(f"[launcher] process {procs.index(proc)} ended with {describe_exit(rc)}", file=sys.stderr,
+                      flush=True)
             if rc and not code:
                 code = rc
                 for other in remaining:  # one host down: the collective would hang forever

@@ -565,10 +565,14 @@ class Planner:
         r.fits = not r.error and r.total_bytes <= hbm
         return r
 
+    @staticmethod
+    def _describe(target: Target, batch: int, remat: str, dtype: str, regularized: bool) -> str:
+        return f"{target.name} {'reg' if regularized else 'plain'} remat={remat} {dtype} b={batch}"
+
     def _compile_in_child(self, target: Target, batch: int, remat: str, dtype: str, regularized: bool) -> Result:
-        what = f"{target.name} {'reg' if regularized else 'plain'} remat={remat} {dtype} batch {batch}"
+        what = self._describe(target, batch, remat, dtype, regularized)
         if self.on_compile:
-            self.on_compile(f"{target.name} {'reg' if regularized else 'plain'} remat={remat} {dtype} b={batch}")
+            self.on_compile(what)
         spec = dict(model=self.model, resolution=self.resolution, inputs=self.inputs, base_config=self.base_config,
                     xla_options=self.xla_options)
         return run_in_child(_compile_child, (spec, jax_flags(), target.name, batch, remat, dtype, regularized),
@@ -578,7 +582,7 @@ class Planner:
         import jax
 
         if self.on_compile:
-            self.on_compile(f"{target.name} {'reg' if regularized else 'plain'} remat={remat} {dtype} b={batch}")
+            self.on_compile(self._describe(target, batch, remat, dtype, regularized))
         r = Result(target=target.name, model=self.model, resolution=self.resolution, inputs=self.inputs,
                    regularized=regularized, remat=remat, compute_dtype=dtype, batch_per_device=batch,
                    devices=target.devices)
@@ -709,12 +713,11 @@ def run_in_child(fn: Callable, args: tuple, what: str = "child process"):
         recv.close()
         proc.join()
     if reply is None:
-        code = proc.exitcode
-        how = f"exit code {code}"
-        if code is not None and code < 0:
-            name = signal.Signals(-code).name if -code in signal.Signals._value2member_map_ else "?"
-            how = f"signal {-code} ({name})" + ("; usually the kernel's OOM killer: the compile needs more host RAM"
-                                                 " (add swap, or close other programs)" if code == -9 else "")
+        from smooth_jax.runtime import describe_exit
+
+        how = describe_exit(proc.exitcode)
+        if proc.exitcode == -signal.SIGKILL:
+            how += "; the compile needs more host RAM (add swap, or close other programs)"
         raise PlanError(f"{what}: the child process ended without a result ({how}).")
     if reply[0] == "error":
         err, tb = reply[1], reply[2]

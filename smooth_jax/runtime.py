@@ -56,6 +56,20 @@ def setup(compilation_cache: bool = True) -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)
 
 
+def describe_exit(code: int) -> str:
+    """How a child process ended, from its exit status (negative: the signal that killed it):
+    'exit code 2', or 'signal 9 (SIGKILL), usually the kernel's OOM killer'."""
+    import signal
+
+    if code >= 0:
+        return f"exit code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = "unknown signal"
+    return f"signal {-code} ({name})" + (", usually the kernel's OOM killer" if -code == signal.SIGKILL else "")
+
+
 def compile_uncached(lowered, compiler_options: dict | None = None):
     """``lowered.compile(compiler_options)`` with the persistent compilation cache bypassed: for
     compile-time measurements, and for executables of devices this machine lacks (``smooth-jax
