@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         env = dict(os.environ)
         env.update(SMOOTH_JAX_COORDINATOR=f"127.0.0.1:{port}", SMOOTH_JAX_NUM_PROCESSES=str(args.processes),
                    SMOOTH_JAX_PROCESS_ID=str(pid), PYTHONUNBUFFERED="1")
+        # All processes are on this machine: CPU collectives go over loopback, never over
+        # whatever the hostname resolves to (which a container may not route back to itself).
+        env.setdefault("SMOOTH_JAX_GLOO_HOSTNAME", "127.0.0.1")
         if args.gpus_per_process:
             first = pid * args.gpus_per_process
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(first + i) for i in range(args.gpus_per_process))

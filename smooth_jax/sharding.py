@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -102,23 +102,104 @@ def global_batch(local: Mapping[str, np.ndarray], mesh: Mesh, leading: int = 0) 
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()}
 
 
+_BARRIER_COUNTS: dict[str, int] = {}
+
+
+def sync_hosts(name: str, timeout_s: float = 3600.0) -> None:
+    """Wait until every process reaches this point (no-op in a single process).
+
+    Uses the coordination service, not a collective: on CPU the gloo rendezvous that opens each
+    new set of devices gives up after a fixed 30 s, so processes that drift apart by more (one
+    compiles or loads more slowly on a busy machine) must meet here first. Every process must
+    call it with the same names in the same order.
+    """
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is None:  # multi-process without jax.distributed (e.g. a TPU runtime): nothing to wait on
+        return
+    n = _BARRIER_COUNTS[name] = _BARRIER_COUNTS.get(name, 0) + 1
+    try:
+        client.wait_at_barrier(f"smooth_jax:{name}:{n}", int(timeout_s * 1000))
+    except Exception as e:
+        raise RuntimeError(f"process {jax.process_index()} waited {timeout_s:.0f} s at '{name}' for the other "
+                           f"{jax.process_count() - 1} process(es); one of them has died or is stuck: {e}") from e
+
+
+class SyncedFirstCall:
+    """A jitted function that, on its first call, compiles, waits for all processes, then runs.
+
+    Processes compile at different speeds; meeting after the compile keeps the first run's new
+    collectives inside gloo's 30 s rendezvous window. Later calls reuse the executable, so their
+    arguments must keep the first call's shapes and shardings (true of a train step).
+    """
+
+    def __init__(self, jitted: Callable, name: str):
+        self.jitted, self.name = jitted, name
+        self._compiled = None
+
+    def __call__(self, *args):
+        if jax.process_count() == 1:
+            return self.jitted(*args)
+        if self._compiled is None:
+            self._compiled = self.jitted.lower(*args).compile()
+            sync_hosts(f"compiled {self.name}")
+        return self._compiled(*args)
+
+
+def pin_gloo_transport(hostname: str = "", interface: str = "") -> bool:
+    """Make CPU collectives (gloo over TCP) use this address or network interface.
+
+    Left alone, gloo binds the address the machine's hostname resolves to, which on a cluster is
+    often the slow management NIC (name the fast one, e.g. ib0) and in a container may not be
+    one the processes can reach each other on. Processes on one machine should use 127.0.0.1.
+    Must run before jax.distributed.initialize. Returns True if anything was pinned.
+    """
+    if not hostname and not interface:
+        return False
+    import functools
+
+    from jax._src import xla_bridge
+    from jax._src.lib import _jax
+
+    if xla_bridge.backends_are_initialized():
+        raise RuntimeError("SMOOTH_JAX_GLOO_HOSTNAME / SMOOTH_JAX_GLOO_INTERFACE must be applied before jax "
+                           "creates its devices (before jax.distributed.initialize).")
+    make = getattr(_jax, "make_gloo_tcp_collectives", None)
+    if make is None:
+        raise RuntimeError(f"SMOOTH_JAX_GLOO_HOSTNAME / SMOOTH_JAX_GLOO_INTERFACE: this jaxlib ({jax.__version__}) "
+                           "has no gloo TCP collectives to configure; unset them.")
+    make = getattr(make, "func", make)  # pinning twice replaces, never stacks
+    kwargs = {k: v for k, v in (("hostname", hostname), ("interface", interface)) if v}
+    _jax.make_gloo_tcp_collectives = functools.partial(make, **kwargs)
+    return True
+
+
 def maybe_initialize_distributed(coordinator: str = "", num_processes: int = 0, process_id: int = -1) -> bool:
     """Start jax.distributed when more than one process is asked for.
 
     Arguments win; otherwise SMOOTH_JAX_COORDINATOR / SMOOTH_JAX_NUM_PROCESSES / SMOOTH_JAX_PROCESS_ID
     (our localhost and SLURM launchers set these). On TPU pods and under SLURM, jax can detect
-    everything itself: set SMOOTH_JAX_DISTRIBUTED=auto. Returns True if it initialised.
+    everything itself: set SMOOTH_JAX_DISTRIBUTED=auto. CPU collectives follow
+    SMOOTH_JAX_GLOO_HOSTNAME / SMOOTH_JAX_GLOO_INTERFACE (see ``pin_gloo_transport``).
+    Returns True if it initialised.
     """
     coordinator = coordinator or os.environ.get("SMOOTH_JAX_COORDINATOR", "")
     num_processes = num_processes or int(os.environ.get("SMOOTH_JAX_NUM_PROCESSES", "0"))
     process_id = process_id if process_id >= 0 else int(os.environ.get("SMOOTH_JAX_PROCESS_ID", "-1"))
+    pin = lambda: pin_gloo_transport(os.environ.get("SMOOTH_JAX_GLOO_HOSTNAME", ""),  # noqa: E731
+                                     os.environ.get("SMOOTH_JAX_GLOO_INTERFACE", ""))
     if os.environ.get("SMOOTH_JAX_DISTRIBUTED") == "auto":
+        pin()
         jax.distributed.initialize()
         return True
     if num_processes > 1:
         if not coordinator or process_id < 0:
             raise ValueError("Multi-process run: set the coordinator address and this process's id "
                              "(SMOOTH_JAX_COORDINATOR, SMOOTH_JAX_PROCESS_ID).")
+        pin()
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
         return True
     return False

@@ -304,6 +304,7 @@ def _run(config, workdir: Path, preempt: "_Preemption", *, resume: bool, stop_af
                          f"that divide over {n_batch_shards} devices.")
     # --- model
     sd = load_model(config)
+    sharding.sync_hosts("model loaded")  # the placement below is the first cross-process collective
     frozen, frozen_sh = frozen_params(sd, config, mesh)
     # --- data
     data_iter = _make_data_iterator(config, sd, data_lib)
@@ -313,15 +314,16 @@ def _run(config, workdir: Path, preempt: "_Preemption", *, resume: bool, stop_af
     rng = jax.random.PRNGKey(config.seed + 2)
     init_state = lambda tree, key: create_train_state(tree, tx, key)  # noqa: E731
     state_sh = jax.tree_util.tree_map(lambda _: replicated, jax.eval_shape(init_state, lora_tree, rng))
-    state = jax.jit(init_state, out_shardings=state_sh)(lora_tree, rng)
+    state = sharding.SyncedFirstCall(jax.jit(init_state, out_shardings=state_sh), "init state")(lora_tree, rng)
     # --- steps
     batch_sh = sharding.batch_sharding(mesh, leading=1)
-    jit_step = lambda fn: jax.jit(fn, in_shardings=(state_sh, frozen_sh, batch_sh),  # noqa: E731
-                                  out_shardings=(state_sh, replicated), donate_argnums=0)
+    jit_step = lambda fn, name: sharding.SyncedFirstCall(  # noqa: E731
+        jax.jit(fn, in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, replicated),
+                donate_argnums=0), name)
     reg_every = int(config.objective.reg_every)
     regularized = float(config.objective.reg_weight) > 0 and reg_every > 0
-    reg_step = jit_step(make_train_step(sd, config, regularize=True)) if regularized else None
-    plain_step = jit_step(make_train_step(sd, config, regularize=False))
+    reg_step = jit_step(make_train_step(sd, config, regularize=True), "regularized step") if regularized else None
+    plain_step = jit_step(make_train_step(sd, config, regularize=False), "plain step")
     # --- restore
     ckpt = ckpt_lib.Checkpointer(workdir, keep=int(config.checkpoint.keep), async_save=bool(config.checkpoint.async_save))
     latest = ckpt.latest_step()

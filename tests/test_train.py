@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import threading
 from pathlib import Path
 
@@ -352,7 +353,6 @@ def test_two_processes_of_four_devices_match_one_process(tmp_path):
     """A real multi-host run: 2 processes x 4 CPU devices joined by jax.distributed on localhost
     (launch/multiprocess.py), against one process with the same 8-device mesh. With
     data.host_slicing both see the same global batches, so losses and the LoRA must agree."""
-    import subprocess
     import sys
 
     fields = {"train.steps": 2, "train.batch_size": 8, "data.host_slicing": True,
@@ -366,7 +366,9 @@ def test_two_processes_of_four_devices_match_one_process(tmp_path):
            "--no-progress", *overrides]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    # Each host's own tail: when both fail, the first one's error is usually the cause.
+    tails = ["\n".join(ln for ln in proc.stdout.splitlines() if ln.startswith(f"[p{i}]"))[-2500:] for i in (0, 1)]
+    assert proc.returncode == 0, "\n".join(tails) + "\n" + proc.stderr[-1000:]
     assert "[p0]" in proc.stdout and "[p1]" in proc.stdout
     multi = [json.loads(line) for line in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in multi] == [1, 2]
@@ -383,13 +385,75 @@ def test_two_processes_of_four_devices_match_one_process(tmp_path):
 def test_multiprocess_launcher_reports_a_failed_host():
     """A host that fails ends the job with its exit code, and the launcher names it (an OOM-killed
     host reads "signal 9"), instead of leaving the other host waiting at a barrier."""
-    import subprocess
     import sys
 
     cmd = [sys.executable, str(ROOT / "launch" / "multiprocess.py"), "--processes", "2", "--", "no-such-command"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "ended with exit code 2" in proc.stderr and "invalid choice: 'no-such-command'" in proc.stdout
+
+
+_GLOO_PROBE = """
+import jax, numpy as np
+from jax.experimental import multihost_utils
+from smooth_jax import sharding
+assert sharding.maybe_initialize_distributed()
+print("gathered", multihost_utils.process_allgather(np.array([jax.process_index()])).ravel().tolist(), flush=True)
+"""
+
+
+_DRIFT_PROBE = """
+import time
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from smooth_jax import sharding
+assert sharding.maybe_initialize_distributed()
+mesh = sharding.make_mesh({"data": 8, "fsdp": 1}, num_devices=0)
+x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("data")), np.full((4,), jax.process_index() + 1.0))
+if jax.process_index() == 1:
+    time.sleep(40)  # a host that loads or compiles slowly: more than gloo's 30 s rendezvous
+total = sharding.SyncedFirstCall(jax.jit(jnp.sum, out_shardings=sharding.replicated(mesh)), "sum")
+print("sum", float(total(x).addressable_data(0)), flush=True)
+"""
+
+
+def _two_probe_processes(gloo_hostname: str, probe: str = _GLOO_PROBE,
+                         devices: int = 1) -> list[subprocess.CompletedProcess]:
+    import socket
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu", SMOOTH_JAX_COORDINATOR=f"127.0.0.1:{port}", SMOOTH_JAX_NUM_PROCESSES="2",
+               SMOOTH_JAX_GLOO_HOSTNAME=gloo_hostname)
+    procs = [subprocess.Popen([sys.executable, "-c", probe], env={**env, "SMOOTH_JAX_PROCESS_ID": str(i)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    out = []
+    for p in procs:
+        stdout, _ = p.communicate(timeout=300)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout))
+    return out
+
+
+def test_gloo_transport_follows_the_environment():
+    """SMOOTH_JAX_GLOO_HOSTNAME reaches gloo: on loopback two processes all-gather their ids; an
+    address this machine does not have fails at once, naming it."""
+    for p in _two_probe_processes("127.0.0.1"):
+        assert p.returncode == 0 and "gathered [0, 1]" in p.stdout, p.stdout[-3000:]
+    for p in _two_probe_processes("203.0.113.77"):  # TEST-NET-3: never a local address
+        assert p.returncode != 0 and "203.0.113.77" in p.stdout, p.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_processes_that_drift_apart_meet_before_their_first_collective():
+    """One host 40 s behind the other at its first cross-process step: a bare jitted call fails in
+    gloo's 30 s rendezvous (the CI failure of the two-process training test); SyncedFirstCall
+    compiles, meets the other host, then runs, and the 8-device sum is exact."""
+    for p in _two_probe_processes("127.0.0.1", _DRIFT_PROBE, devices=4):
+        assert p.returncode == 0 and "sum 12.0" in p.stdout, p.stdout[-3000:]
 
 
 def test_cached_encodings_train_like_images(tiny_sd, tmp_path):
