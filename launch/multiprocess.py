@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
         env = dict(os.environ)
         env.update(SMOOTH_JAX_COORDINATOR=f"127.0.0.1:{port}", SMOOTH_JAX_NUM_PROCESSES=str(args.processes),
                    SMOOTH_JAX_PROCESS_ID=str(pid), PYTHONUNBUFFERED="1")
-        # All processes are on this machine: CPU collectives go over loopback, never over
-        # whatever the hostname resolves to (which a container may not route back to itself).
+        # All processes are on this machine: CPU collectives go over loopback, so the run does not
+        # depend on what the hostname resolves to.
         env.setdefault("SMOOTH_JAX_GLOO_HOSTNAME", "127.0.0.1")
         if args.gpus_per_process:
             first = pid * args.gpus_per_process
