@@ -10,12 +10,16 @@ a multi-host config before renting one.
 
 Everything after ``--`` is the smooth-jax command line. Output lines are prefixed with [pN].
 Exits with the first non-zero exit code; if one process fails the others are stopped.
+SIGTERM to the launcher (a scheduler's stop or preemption) is passed on to every process, and
+the launcher waits for them; if the launcher dies outright, its processes are killed with it.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -36,6 +40,13 @@ def _pump(proc: subprocess.Popen, prefix: str) -> None:
         sys.stdout.flush()
 
 
+def _die_with_parent() -> None:
+    """Runs in each child before exec: on Linux, be killed when the launcher dies (even by SIGKILL),
+    so that a killed launcher never leaves a host process waiting in a collective forever."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--processes", type=int, default=2)
@@ -48,7 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     if not command:
         p.error("give the smooth-jax command after --")
     port = args.port or _free_port()
-    procs = []
+    procs: list[subprocess.Popen] = []
+
+    def forward(signum, frame):  # each process decides how to stop (train saves a checkpoint first)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
     for pid in range(args.processes):
         env = dict(os.environ)
         env.update(SMOOTH_JAX_COORDINATOR=f"127.0.0.1:{port}", SMOOTH_JAX_NUM_PROCESSES=str(args.processes),
@@ -65,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices_per_process}".strip()
             env["JAX_PLATFORMS"] = env.get("JAX_PLATFORMS", "cpu")
         proc = subprocess.Popen([sys.executable, "-m", "smooth_jax.cli", *command], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                preexec_fn=_die_with_parent)
         threading.Thread(target=_pump, args=(proc, f"[p{pid}]"), daemon=True).start()
         procs.append(proc)
     code = 0
@@ -81,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[launcher] process {procs.index(proc)} ended with {describe_exit(rc)}", file=sys.stderr,
                       flush=True)
             if rc and not code:
-                code = rc
+                code = rc if rc > 0 else 128 - rc  # killed by signal N: exit 128+N, as a shell reports it
                 for other in remaining:  # one host down: the collective would hang forever
                     other.terminate()
     return code

@@ -345,7 +345,8 @@ def _run(config, workdir: Path, preempt: "_Preemption", *, resume: bool, stop_af
     history: list[dict] = []
     pending = None
     stopped_early = False
-    sampler = train_log.SampleWriter(sd, config, workdir) if is_main and int(config.log.sample_every) > 0 else None
+    sampler = (train_log.SampleWriter(sd, config, workdir, mesh, save=is_main)
+               if int(config.log.sample_every) > 0 else None)
     with log.progress(start, total, enabled=progress and is_main) as bar:
         for step in range(start, end):
             batch = _local_batch_to_global(next(data_iter), accum, mesh)

@@ -73,21 +73,29 @@ class RunLog:
 
 
 class SampleWriter:
-    """DDIM samples of fixed prompts and noises with the current LoRA, as PNG grids."""
+    """DDIM samples of fixed prompts and noises with the current LoRA, as PNG grids.
 
-    def __init__(self, sd, config, workdir: Path):
-        from smooth_jax import sampling
+    Every process must build one and call ``write`` at the same steps: the render is an SPMD
+    program over the whole mesh (the frozen weights may be split across hosts), so a process
+    that skipped it would leave the others waiting in its collectives. Only ``save`` processes
+    write files.
+    """
 
-        self.sd = sd
+    def __init__(self, sd, config, workdir: Path, mesh, save: bool = True):
+        from smooth_jax import sampling, sharding
+
+        self.sd, self.save = sd, save
         self.dir = Path(workdir) / "samples"
         self.scale = float(config.lora.alpha) / float(config.lora.rank)
         prompts = list(config.log.sample_prompts)
         self.nrow = len(prompts)
-        text = sd.params["text_encoder"]
-        ctx, unc = sampling.encode_prompts(sd, text, prompts)
-        self.ctx, self.unc = ctx, unc
+        ctx, unc = sampling.encode_prompts(sd, sd.params["text_encoder"], prompts)
         s = sd.configs["unet"]["sample_size"]
-        self.noise = jax.random.normal(jax.random.PRNGKey(int(config.seed) + 3), (len(prompts), sd.latent_channels, s, s))
+        noise = jax.random.normal(jax.random.PRNGKey(int(config.seed) + 3), (len(prompts), sd.latent_channels, s, s))
+        # Each process computes the same prompts and noise locally; placed on the mesh they are
+        # global arrays that the render can take beside the sharded weights.
+        rep = sharding.replicated(mesh)
+        self.noise, self.ctx, self.unc = (sharding.put_replicated(np.asarray(a), mesh) for a in (noise, ctx, unc))
         sampler = sampling.make_sampler(sd, num_steps=int(config.log.sample_steps), guidance_scale=float(config.log.guidance))
 
         def render(unet_params, lora_tree, vae_params, noise, ctx, unc):
@@ -96,12 +104,17 @@ class SampleWriter:
             params = sampling.merged_unet_params(sd, unet_params, lora_tree, self.scale)
             return sd.decode_latents(vae_params, sampler(params, noise, ctx, unc))
 
-        self.render = jax.jit(render)
+        self.render = sharding.SyncedFirstCall(jax.jit(render, out_shardings=rep), "sample render")
 
-    def write(self, step: int, lora_tree, frozen, log: RunLog) -> Path:
+    def write(self, step: int, lora_tree, frozen, log: RunLog) -> Path | None:
+        """Render the grid of ``step``; returns its PNG path (None where this process does not save)."""
         from smooth_jax import images
 
         imgs = self.render(frozen["unet"], lora_tree, frozen["vae"], self.noise, self.ctx, self.unc)
-        path = images.save_grid(np.asarray(imgs, np.float32), self.dir / f"step_{step:07d}.png", nrow=self.nrow)
-        log.image("samples", images.make_grid(np.asarray(imgs, np.float32), nrow=self.nrow), step)
+        if not self.save:
+            return None
+        # Replicated output: this process's first shard is the whole batch of images.
+        host = np.asarray(imgs.addressable_data(0), np.float32)
+        path = images.save_grid(host, self.dir / f"step_{step:07d}.png", nrow=self.nrow)
+        log.image("samples", images.make_grid(host, nrow=self.nrow), step)
         return path

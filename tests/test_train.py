@@ -352,14 +352,19 @@ def _assert_same_training(hist_a, hist_b, workdir_a, workdir_b):
 def test_two_processes_of_four_devices_match_one_process(tmp_path):
     """A real multi-host run: 2 processes x 4 CPU devices joined by jax.distributed on localhost
     (launch/multiprocess.py), against one process with the same 8-device mesh. With
-    data.host_slicing both see the same global batches, so losses and the LoRA must agree."""
+    data.host_slicing both see the same global batches, so losses and the LoRA must agree.
+    The UNet's weights are split over all 8 devices (fsdp across both hosts), and a sample grid is
+    rendered at step 2: every host must join that render, and host 0's PNG must match."""
     import sys
 
+    from PIL import Image
+
     fields = {"train.steps": 2, "train.batch_size": 8, "data.host_slicing": True,
-              "mesh.shape": {"data": 4, "fsdp": 2}, "mesh.num_devices": 0}
+              "mesh.shape": {"data": 1, "fsdp": 8}, "mesh.rules": (("unet/.*", "fsdp"),), "mesh.num_devices": 0,
+              "log.sample_every": 2}
     single = train.train_and_evaluate(tiny_config(**fields), tmp_path / "single", progress=False)
     # The same settings as tiny_config(**fields), as a user would pass them on the command line.
-    cli_fields = {"checkpoint.every": 2, "log.sample_every": 0, "log.every": 1, "export.formats": ("peft",), **fields}
+    cli_fields = {"checkpoint.every": 2, "log.every": 1, "export.formats": ("peft",), **fields}
     overrides = [f"--config.{k}={v}" for k, v in cli_fields.items()]
     cmd = [sys.executable, str(ROOT / "launch" / "multiprocess.py"), "--processes", "2", "--devices-per-process", "4",
            "--", "train", "--config", str(ROOT / "configs" / "tiny.py"), "--workdir", str(tmp_path / "multi"),
@@ -373,6 +378,11 @@ def test_two_processes_of_four_devices_match_one_process(tmp_path):
     multi = [json.loads(line) for line in (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in multi] == [1, 2]
     _assert_same_training(single.history, multi, tmp_path / "single", tmp_path / "multi")
+    grids = [np.asarray(Image.open(tmp_path / run / "samples" / "step_0000002.png"), np.float32)
+             for run in ("single", "multi")]
+    assert grids[0].shape == grids[1].shape == (32, 3 * 32, 3)  # 3 prompts x 32 px
+    assert grids[0].std() > 1  # a real image, not a blank one
+    assert np.abs(grids[0] - grids[1]).max() <= 2, np.abs(grids[0] - grids[1]).max()
     # A multi-host checkpoint exports from one process, without the base model.
     from smooth_jax import cli
 
@@ -391,6 +401,54 @@ def test_multiprocess_launcher_reports_a_failed_host():
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2
     assert "ended with exit code 2" in proc.stderr and "invalid choice: 'no-such-command'" in proc.stdout
+
+
+def _children(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid`` and that have exec'd smooth_jax.cli (Linux /proc)."""
+    out = []
+    for d in Path("/proc").iterdir():
+        try:
+            stat = (d / "stat").read_text()
+            cmdline = (d / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid and fields[0] != "Z" and b"smooth_jax.cli" in cmdline:
+            out.append(int(d.name))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from Linux /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["SIGTERM", "SIGKILL"])
+def test_multiprocess_launcher_takes_its_processes_with_it(tmp_path, sig):
+    """A scheduler stopping the launcher (SIGTERM) stops every host process; one killing it
+    outright (SIGKILL, a timeout) kills them too, instead of leaving them waiting in a collective."""
+    import sys
+    import time
+
+    cmd = [sys.executable, str(ROOT / "launch" / "multiprocess.py"), "--processes", "2", "--", "train", "--config",
+           str(ROOT / "configs" / "tiny.py"), "--workdir", str(tmp_path / "run"), "--no-progress"]
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while len(children := _children(launcher.pid)) < 2 and time.time() < deadline:
+        time.sleep(0.1)
+    assert len(children) == 2, "the launcher did not start two processes"
+    launcher.send_signal(sig)
+    out, err = launcher.communicate(timeout=600)
+    deadline = time.time() + 30
+    while any(map(_alive, children)) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not any(map(_alive, children)), f"host processes outlived the launcher: {children}"
+    if sig == signal.SIGTERM:  # passed on: each host either died of it or, inside train, saved and stopped
+        assert "ended with signal 15 (SIGTERM)" in err or "SIGTERM: saved a checkpoint" in out, (out[-2000:], err)
+        assert launcher.returncode in (0, 128 + signal.SIGTERM), launcher.returncode
 
 
 _GLOO_PROBE = """
