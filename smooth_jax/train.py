@@ -243,13 +243,24 @@ def _local_batch_to_global(local: dict, accum: int, mesh) -> dict:
 
 
 class _Preemption:
-    """SIGTERM (what TPU and SLURM send before preemption) -> save and stop after this step."""
+    """SIGTERM (what TPU and SLURM send before preemption) -> save and stop after this step.
+
+    With several processes the stop must come at the same step on all of them (the save and every
+    step are collectives), yet SIGTERM reaches each host at its own time, or only some hosts. There
+    jax's preemption service takes the signal instead: it tells every process, and orbax's
+    ``reached_preemption(step)`` turns true at one agreed step everywhere. So this handler is only
+    installed in a single process; a Python handler would replace the service's.
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
 
     def __enter__(self):
+        from jax._src import distributed
+
+        if jax.process_count() > 1 and distributed.global_state.preemption_sync_manager is not None:
+            return self
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread: leave signals alone

@@ -451,6 +451,45 @@ def test_multiprocess_launcher_takes_its_processes_with_it(tmp_path, sig):
         assert launcher.returncode in (0, 128 + signal.SIGTERM), launcher.returncode
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from Linux /proc")
+def test_sigterm_to_one_host_stops_every_host_at_one_step(tmp_path):
+    """A preemption notice reaches TPU hosts one at a time, or only some of them. Here only host 1
+    gets SIGTERM: both hosts must stop after the same step and save one checkpoint there (before,
+    host 1 alone stopped to save while host 0 went on to the next step, and both hung)."""
+    import sys
+    import time
+
+    work = tmp_path / "run"
+    overrides = {"train.steps": 1000, "train.batch_size": 8, "data.host_slicing": True, "mesh.num_devices": 0,
+                 "mesh.shape": {"data": 8, "fsdp": 1}, "log.sample_every": 0, "log.every": 1, "checkpoint.every": 1000}
+    cmd = [sys.executable, str(ROOT / "launch" / "multiprocess.py"), "--processes", "2", "--devices-per-process", "4",
+           "--", "train", "--config", str(ROOT / "configs" / "tiny.py"), "--workdir", str(work), "--no-progress",
+           *[f"--config.{k}={v}" for k, v in overrides.items()]]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        deadline = time.time() + 600
+        metrics = work / "metrics.jsonl"
+        while (not metrics.exists() or len(metrics.read_text().splitlines()) < 3) and time.time() < deadline:
+            assert launcher.poll() is None, launcher.stdout.read()[-3000:]
+            time.sleep(0.5)
+        host1 = [pid for pid in _children(launcher.pid)
+                 if b"SMOOTH_JAX_PROCESS_ID=1\0" in Path(f"/proc/{pid}/environ").read_bytes()]
+        assert len(host1) == 1
+        os.kill(host1[0], signal.SIGTERM)
+        out, _ = launcher.communicate(timeout=300)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()  # its hosts go with it (PDEATHSIG)
+    assert launcher.returncode == 0, out[-3000:]
+    saved = [int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit()]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert len(saved) == 1 and saved[0] == steps[-1] < 1000, (saved, steps)
+    for host in ("[p0]", "[p1]"):  # both hosts ran exactly the saved number of steps
+        assert f"{host} step {saved[0]}: loss" in out and f"{host} step {saved[0] + 1}: loss" not in out, out[-3000:]
+
+
 _GLOO_PROBE = """
 import jax, numpy as np
 from jax.experimental import multihost_utils
