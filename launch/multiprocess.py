@@ -40,11 +40,15 @@ def _pump(proc: subprocess.Popen, prefix: str) -> None:
         sys.stdout.flush()
 
 
+# Looked up before any fork: the child, forked while the output threads run, only makes the call.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
 def _die_with_parent() -> None:
     """Runs in each child before exec: on Linux, be killed when the launcher dies (even by SIGKILL),
     so that a killed launcher never leaves a host process waiting in a collective forever."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
 
 
 def main(argv: list[str] | None = None) -> int:
