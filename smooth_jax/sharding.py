@@ -55,12 +55,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
-def put_replicated(x: np.ndarray, mesh: Mesh) -> jax.Array:
-    """A host array that every process holds alike -> one global array replicated over ``mesh``."""
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, replicated(mesh), lambda index: x[index])
-
-
 def batch_sharding(mesh: Mesh, leading: int = 0) -> NamedSharding:
     """Split dim ``leading`` (the batch dim, after ``leading`` unsplit dims) over data x fsdp."""
     return NamedSharding(mesh, P(*([None] * leading), BATCH_AXES))

@@ -95,7 +95,7 @@ class SampleWriter:
         # Each process computes the same prompts and noise locally; placed on the mesh they are
         # global arrays that the render can take beside the sharded weights.
         rep = sharding.replicated(mesh)
-        self.noise, self.ctx, self.unc = (sharding.put_replicated(np.asarray(a), mesh) for a in (noise, ctx, unc))
+        self.noise, self.ctx, self.unc = jax.device_put((np.asarray(noise), np.asarray(ctx), np.asarray(unc)), rep)
         sampler = sampling.make_sampler(sd, num_steps=int(config.log.sample_steps), guidance_scale=float(config.log.guidance))
 
         def render(unet_params, lora_tree, vae_params, noise, ctx, unc):

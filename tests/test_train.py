@@ -348,6 +348,16 @@ def _assert_same_training(hist_a, hist_b, workdir_a, workdir_b):
         np.testing.assert_allclose(y, x, rtol=1e-3, atol=1e-6)
 
 
+def _launch_tiny_train(workdir: Path, fields: dict, devices_per_process: int = 4) -> list[str]:
+    """`smooth-jax train` of configs/tiny.py on 2 local processes (launch/multiprocess.py), with
+    ``fields`` as --config overrides, as a user would type them."""
+    import sys
+
+    return [sys.executable, str(ROOT / "launch" / "multiprocess.py"), "--processes", "2", "--devices-per-process",
+            str(devices_per_process), "--", "train", "--config", str(ROOT / "configs" / "tiny.py"), "--workdir",
+            str(workdir), "--no-progress", *[f"--config.{k}={v}" for k, v in fields.items()]]
+
+
 @pytest.mark.slow
 def test_two_processes_of_four_devices_match_one_process(tmp_path):
     """A real multi-host run: 2 processes x 4 CPU devices joined by jax.distributed on localhost
@@ -355,8 +365,6 @@ def test_two_processes_of_four_devices_match_one_process(tmp_path):
     data.host_slicing both see the same global batches, so losses and the LoRA must agree.
     The UNet's weights are split over all 8 devices (fsdp across both hosts), and a sample grid is
     rendered at step 2: every host must join that render, and host 0's PNG must match."""
-    import sys
-
     from PIL import Image
 
     fields = {"train.steps": 2, "train.batch_size": 8, "data.host_slicing": True,
@@ -365,10 +373,7 @@ def test_two_processes_of_four_devices_match_one_process(tmp_path):
     single = train.train_and_evaluate(tiny_config(**fields), tmp_path / "single", progress=False)
     # The same settings as tiny_config(**fields), as a user would pass them on the command line.
     cli_fields = {"checkpoint.every": 2, "log.every": 1, "export.formats": ("peft",), **fields}
-    overrides = [f"--config.{k}={v}" for k, v in cli_fields.items()]
-    cmd = [sys.executable, str(ROOT / "launch" / "multiprocess.py"), "--processes", "2", "--devices-per-process", "4",
-           "--", "train", "--config", str(ROOT / "configs" / "tiny.py"), "--workdir", str(tmp_path / "multi"),
-           "--no-progress", *overrides]
+    cmd = _launch_tiny_train(tmp_path / "multi", cli_fields)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     # Each host's own tail: when both fail, the first one's error is usually the cause.
@@ -403,26 +408,33 @@ def test_multiprocess_launcher_reports_a_failed_host():
     assert "ended with exit code 2" in proc.stderr and "invalid choice: 'no-such-command'" in proc.stdout
 
 
+def _state_and_parent(pid: int | str) -> tuple[str, int] | None:
+    """(state letter, parent pid) of a process from Linux /proc; None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
+def _alive(pid: int) -> bool:
+    stat = _state_and_parent(pid)
+    return stat is not None and stat[0] != "Z"
+
+
 def _children(pid: int) -> list[int]:
     """Live processes whose parent is ``pid`` and that have exec'd smooth_jax.cli (Linux /proc)."""
     out = []
     for d in Path("/proc").iterdir():
-        try:
-            stat = (d / "stat").read_text()
-            cmdline = (d / "cmdline").read_bytes()
-        except (OSError, ValueError):
+        stat = _state_and_parent(d.name) if d.name.isdigit() else None
+        if stat is None or stat[0] == "Z" or stat[1] != pid:
             continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid and fields[0] != "Z" and b"smooth_jax.cli" in cmdline:
-            out.append(int(d.name))
+        try:
+            if b"smooth_jax.cli" in (d / "cmdline").read_bytes():
+                out.append(int(d.name))
+        except OSError:
+            continue
     return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from Linux /proc")
@@ -430,11 +442,9 @@ def _alive(pid: int) -> bool:
 def test_multiprocess_launcher_takes_its_processes_with_it(tmp_path, sig):
     """A scheduler stopping the launcher (SIGTERM) stops every host process; one killing it
     outright (SIGKILL, a timeout) kills them too, instead of leaving them waiting in a collective."""
-    import sys
     import time
 
-    cmd = [sys.executable, str(ROOT / "launch" / "multiprocess.py"), "--processes", "2", "--", "train", "--config",
-           str(ROOT / "configs" / "tiny.py"), "--workdir", str(tmp_path / "run"), "--no-progress"]
+    cmd = _launch_tiny_train(tmp_path / "run", {}, devices_per_process=1)
     launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while len(children := _children(launcher.pid)) < 2 and time.time() < deadline:
@@ -457,15 +467,12 @@ def test_sigterm_to_one_host_stops_every_host_at_one_step(tmp_path):
     """A preemption notice reaches TPU hosts one at a time, or only some of them. Here only host 1
     gets SIGTERM: both hosts must stop after the same step and save one checkpoint there (before,
     host 1 alone stopped to save while host 0 went on to the next step, and both hung)."""
-    import sys
     import time
 
     work = tmp_path / "run"
     overrides = {"train.steps": 1000, "train.batch_size": 8, "data.host_slicing": True, "mesh.num_devices": 0,
                  "mesh.shape": {"data": 8, "fsdp": 1}, "log.sample_every": 0, "log.every": 1, "checkpoint.every": 1000}
-    cmd = [sys.executable, str(ROOT / "launch" / "multiprocess.py"), "--processes", "2", "--devices-per-process", "4",
-           "--", "train", "--config", str(ROOT / "configs" / "tiny.py"), "--workdir", str(work), "--no-progress",
-           *[f"--config.{k}={v}" for k, v in overrides.items()]]
+    cmd = _launch_tiny_train(work, overrides)
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
