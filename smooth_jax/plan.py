@@ -732,7 +732,8 @@ def run_in_child(fn: Callable, args: tuple, what: str = "child process"):
 
 
 def search_batch(measure: Callable[[int], tuple[bool, int]], hbm_bytes: int, max_batch: int = 256,
-                 refine: bool = True, known: dict[int, tuple[bool, int]] | None = None) -> tuple[int, list[int]]:
+                 refine: bool = True, known: dict[int, tuple[bool, int]] | None = None,
+                 start: int | None = None) -> tuple[int, list[int]]:
     """Largest per-device batch b <= max_batch that fits, with few compiles.
 
     ``measure(b)`` compiles batch b and returns (fits, total bytes; 0 when the compile itself
@@ -744,7 +745,12 @@ def search_batch(measure: Callable[[int], tuple[bool, int]], hbm_bytes: int, max
     prediction costs 4 compiles (1, 2, b, b+1) where doubling + bisection costs ~2 log2(b).
     ``refine=False``: powers of two only. ``known``: batch -> (fits, total bytes) from earlier
     compiles (``plan --reuse``): they set the bracket and the line, and are listed first in the
-    batches tried, but are not compiled again. Returns (largest fitting batch or 0, batches tried)."""
+    batches tried, but are not compiled again. ``start``: a guess at the answer (``plan
+    --search-start``, e.g. the result of a target with as much HBM): it is compiled first, then
+    start + 1 if it fits or start - 1 if not, so a right guess costs two compiles; batches 1 and 2
+    are compiled only if the bracket is still open and the line lacks points. Near-limit compiles
+    are the slow ones on TPU (libtpu works to fit them), and a guess skips the two small ones.
+    Returns (largest fitting batch or 0, batches tried)."""
     tried: list[int] = sorted(known or {})
     mem: dict[int, int] = {b: int(t) for b, (_, t) in (known or {}).items() if t}  # batch -> total bytes
     fit = [b for b, (ok, _) in (known or {}).items() if ok]
@@ -771,15 +777,26 @@ def search_batch(measure: Callable[[int], tuple[bool, int]], hbm_bytes: int, max
         while b <= max_batch and b < hi and (b in tried or probe(b)):
             b *= 2
         return lo, tried
+    if start is not None:
+        if not 1 <= start <= max_batch:
+            raise ValueError(f"search start batch {start} is outside 1..{max_batch} (--search-start, --max-batch).")
+        if start not in tried and lo < start < hi:
+            probe(start)
+        nxt = start + 1 if lo >= start else start - 1
+        if nxt not in tried and lo < nxt < hi:
+            probe(nxt)
     for b in (1, 2):  # two points for the memory line
-        if len(mem) >= 2 or b in tried:
+        if len(mem) >= 2 or b in tried or hi - lo <= 1:
             continue
         if b >= hi or b > max_batch or not probe(b):
             return lo, tried
     while hi - lo > 1:
-        (b0, m0), (b1, m1) = sorted(mem.items())[-2:]
-        slope = (m1 - m0) / (b1 - b0)
-        guess = b1 + int((hbm_bytes - m1) // slope) if slope > 0 else 2 * lo
+        if len(mem) < 2:  # only overflowing compiles (no memory figure) beside one point: no line
+            guess = 2 * lo if hi > max_batch else (lo + hi) // 2
+        else:
+            (b0, m0), (b1, m1) = sorted(mem.items())[-2:]
+            slope = (m1 - m0) / (b1 - b0)
+            guess = b1 + int((hbm_bytes - m1) // slope) if slope > 0 else 2 * lo
         if guess >= hi:  # the line overshoots a known failure: bisect; past max_batch: try it
             guess = max_batch if hi > max_batch else (lo + hi) // 2
         probe(min(max(guess, lo + 1), hi - 1))
@@ -921,7 +938,8 @@ def run(args, overrides: Sequence[str] = (), planner: Planner | None = None) -> 
                         r = planner.compile(name, b, remat, dtype, hbm_bytes=hbm)
                         known[b] = (r.fits, r.total_bytes)
                     best, tried = search_batch(measure, target_hbm, max_batch=args.max_batch,
-                                               refine=not args.no_refine, known=known)
+                                               refine=not args.no_refine, known=known,
+                                               start=getattr(args, "search_start", None))
                     results.extend(planner.compile(name, b, remat, dtype, hbm_bytes=hbm) for b in tried)
                     best_r = planner.compile(name, best, remat, dtype, hbm_bytes=hbm) if best else None
                     row = {"target": name, "remat": remat, "compute_dtype": dtype, "max_batch": best, "tried": tried,
@@ -1032,6 +1050,8 @@ def register(sub) -> None:
                    help="find the largest per-device batch that fits for every target x remat x dtype "
                         "(batches 1 and 2, then the memory line's prediction and one more: about 4 compiles each)")
     p.add_argument("--max-batch", type=int, default=256, help="upper bound for --search")
+    p.add_argument("--search-start", type=int, default=None, metavar="B",
+                   help="--search: compile batch B first, then B+1 (or B-1), e.g. the answer of a target with as much HBM")
     p.add_argument("--no-refine", action="store_true", help="--search: powers of two only (doubling from 1 until one does not fit)")
     p.add_argument("--hbm-gib", type=float, default=None, help="pretend each device has this much memory")
     p.add_argument("--config", default=None, help="base config (default configs/sd15_smooth_lora.py)")

@@ -357,6 +357,59 @@ def test_batch_search_resumes_from_known_compiles():
     assert plan.search_batch(measure, 100, known={1: (True, 13), 4: (False, 0), 6: (True, 28)})[0] == 3
 
 
+def test_batch_search_from_a_guess():
+    """A right guess (`plan --search-start`) costs two compiles and skips batches 1 and 2; a wrong
+    one still ends at the answer a search from scratch finds, compiling no batch twice."""
+    measure, calls = _affine_memory(10, 3, 100)
+    assert plan.search_batch(measure, 100, start=30) == (30, [30, 31]) and calls == [30, 31]
+    measure, _ = _affine_memory(10, 3, 100)  # too high: 35 and 34 compile but do not fit; their line
+    assert plan.search_batch(measure, 100, start=35) == (30, [35, 34, 30, 31])
+    measure, _ = _affine_memory(10, 3, 100)  # too low: 20 and 21 fit and give the line
+    assert plan.search_batch(measure, 100, start=20) == (30, [20, 21, 30, 31])
+    for a, c, hbm, curve in [(10, 3, 100, 0.05), (10, 3, 14, 0), (10, 3, 5, 0), (50, 30, 95, 0), (100, 1, 400, 0.05)]:
+        for start in (1, 2, 3, 7, 30, 64, 256):
+            measure, calls = _affine_memory(a, c, hbm, curve)
+            best, tried = plan.search_batch(measure, hbm, start=start)
+            assert best == _largest_fitting(a, c, hbm, curve), (a, c, hbm, curve, start)
+            assert tried[0] == start and tried == calls and len(set(tried)) == len(tried)
+
+    def overflow_errors(b):  # a compile that overflows reports no memory (libtpu's compile error)
+        ok, total = _affine_memory(10, 3, 100)[0](b)
+        return ok, total if ok else 0
+
+    assert plan.search_batch(overflow_errors, 100, start=30) == (30, [30, 31])
+    # Both too big to compile: no memory figures, so batches 1 and 2 give the line.
+    assert plan.search_batch(overflow_errors, 100, start=40) == (30, [40, 39, 1, 2, 30, 31])
+    measure, calls = _affine_memory(10, 3, 100)  # with earlier compiles: the guess's neighbour is known
+    assert plan.search_batch(measure, 100, known={31: measure(31)}, start=30) == (30, [31, 30])
+    with pytest.raises(ValueError, match="search start batch 0 is outside 1..256"):
+        plan.search_batch(measure, 100, start=0)
+
+
+def test_search_start_reaches_the_search_from_the_command_line(tmp_path):
+    """`plan --search --search-start B`: B and B+1 are the batches compiled (a stand-in compile:
+    memory affine in the batch, so no XLA compile is needed)."""
+    from smooth_jax import cli
+
+    args, rest = cli.build_parser().parse_known_args(
+        ["plan", "--model", "tiny", "--targets", TPU, "--search", "--search-start", "6", "--hbm-gib", "1",
+         "--no-progress", "--in-process", "--out", str(tmp_path)])
+    planner = plan.Planner(model="tiny", resolution=512, inputs="images", isolate=False)
+
+    def fake_compile(target, batch, remat, dtype, regularized):
+        total = (200 + 120 * batch) * 2**20  # 6 fits in 1 GiB (920 MiB), 7 does not
+        return plan.Result(target=target.name, model="tiny", resolution=512, inputs="images", regularized=regularized,
+                           remat=remat, compute_dtype=dtype, batch_per_device=batch, devices=target.devices,
+                           total_bytes=total)
+
+    planner._compile = fake_compile
+    results, rows = plan.run(args, rest, planner=planner)
+    assert rows[0]["tried"] == [6, 7] and rows[0]["max_batch"] == 6
+    assert [r.fits for r in results] == [True, False]
+    partial = json.loads((tmp_path / "plan.json").read_text())  # kept after each compile, for --reuse
+    assert [r["batch_per_device"] for r in partial["results"]] == [6, 7] and not partial["complete"]
+
+
 def test_reuse_takes_earlier_compiles_of_the_same_config_only(tmp_path):
     """`plan --reuse`: a result of the same model/resolution/inputs and config digest is taken
     into the planner's cache; another digest, or an old file without one under a non-default
