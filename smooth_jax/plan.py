@@ -772,14 +772,16 @@ def search_batch(measure: Callable[[int], tuple[bool, int]], hbm_bytes: int, max
             hi = b
         return ok
 
+    if start is not None and not 1 <= start <= max_batch:
+        raise ValueError(f"search start batch {start} is outside 1..{max_batch} (--search-start, --max-batch).")
+    if start is not None and not refine:
+        raise ValueError("a search start batch (--search-start) needs the refined search: drop --no-refine.")
     if not refine:
         b = 1
         while b <= max_batch and b < hi and (b in tried or probe(b)):
             b *= 2
         return lo, tried
     if start is not None:
-        if not 1 <= start <= max_batch:
-            raise ValueError(f"search start batch {start} is outside 1..{max_batch} (--search-start, --max-batch).")
         if start not in tried and lo < start < hi:
             probe(start)
         nxt = start + 1 if lo >= start else start - 1
@@ -889,6 +891,8 @@ def run(args, overrides: Sequence[str] = (), planner: Planner | None = None) -> 
     """The plan command's work: compiles for every target x remat x dtype (x batch with --search)."""
     from smooth_jax import config_loader
 
+    if getattr(args, "search_start", None) is not None and not args.search:
+        raise ValueError("--search-start B only applies to --search (without it, --batch sets the batch).")
     names = list(TARGETS) if not args.targets or args.targets == ["all"] else args.targets
     unknown = [n for n in names if n not in TARGETS]
     if unknown:

@@ -384,6 +384,8 @@ def test_batch_search_from_a_guess():
     assert plan.search_batch(measure, 100, known={31: measure(31)}, start=30) == (30, [31, 30])
     with pytest.raises(ValueError, match="search start batch 0 is outside 1..256"):
         plan.search_batch(measure, 100, start=0)
+    with pytest.raises(ValueError, match="drop --no-refine"):
+        plan.search_batch(measure, 100, start=8, refine=False)
 
 
 def test_search_start_reaches_the_search_from_the_command_line(tmp_path):
@@ -408,6 +410,9 @@ def test_search_start_reaches_the_search_from_the_command_line(tmp_path):
     assert [r.fits for r in results] == [True, False]
     partial = json.loads((tmp_path / "plan.json").read_text())  # kept after each compile, for --reuse
     assert [r["batch_per_device"] for r in partial["results"]] == [6, 7] and not partial["complete"]
+    args.search = False
+    with pytest.raises(ValueError, match="--search-start B only applies to --search"):
+        plan.run(args, rest, planner=planner)
 
 
 def test_reuse_takes_earlier_compiles_of_the_same_config_only(tmp_path):
