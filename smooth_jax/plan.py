@@ -792,13 +792,12 @@ def search_batch(measure: Callable[[int], tuple[bool, int]], hbm_bytes: int, max
             continue
         if b >= hi or b > max_batch or not probe(b):
             return lo, tried
+    # Here the line has two points: once 1 and 2 are both tried, either one failed (the bracket is
+    # closed) or both fit, and a fitting compile always reports its memory.
     while hi - lo > 1:
-        if len(mem) < 2:  # only overflowing compiles (no memory figure) beside one point: no line
-            guess = 2 * lo if hi > max_batch else (lo + hi) // 2
-        else:
-            (b0, m0), (b1, m1) = sorted(mem.items())[-2:]
-            slope = (m1 - m0) / (b1 - b0)
-            guess = b1 + int((hbm_bytes - m1) // slope) if slope > 0 else 2 * lo
+        (b0, m0), (b1, m1) = sorted(mem.items())[-2:]
+        slope = (m1 - m0) / (b1 - b0)
+        guess = b1 + int((hbm_bytes - m1) // slope) if slope > 0 else 2 * lo
         if guess >= hi:  # the line overshoots a known failure: bisect; past max_batch: try it
             guess = max_batch if hi > max_batch else (lo + hi) // 2
         probe(min(max(guess, lo + 1), hi - 1))
